@@ -1,0 +1,36 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _shared_data_dir() -> Path:
+    # CI clones the repo beside shared/; developers may point elsewhere.
+    env = os.environ.get("SUBJECT_FINGERPRINT_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """The small sample data committed under Resources/SampleData."""
+    return REPO_ROOT / "Resources" / "SampleData"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real ChestX-ray14 and brain MRI); tests skip where it is absent."""
+    path = _shared_data_dir()
+    if not (path / "cxr14-subset-64px" / "manifest.csv").is_file():
+        pytest.skip(f"shared data not found at {path} (set SUBJECT_FINGERPRINT_SHARED_DATA)")
+    return path
