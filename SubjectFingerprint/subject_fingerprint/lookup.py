@@ -1,0 +1,196 @@
+"""High-level calls behind the command line and the Slicer module: index images into a
+library, and find the closest subjects for new images.
+
+Both accept a checkpoint path, a loaded :class:`~subject_fingerprint.checkpoint.FingerprintModel`
+or ``None`` (the bundled starter model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence, Union
+
+from .errors import Failure, FingerprintError, LibraryError
+from .records import LoadedImage
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class IndexReport:
+    """What one ``index`` run did."""
+
+    added: int = 0
+    duplicates: int = 0
+    failures: List[Failure] = field(default_factory=list)
+    discovered: int = 0
+    cancelled: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "discovered": self.discovered,
+            "added": self.added,
+            "duplicates": self.duplicates,
+            "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "cancelled": self.cancelled,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class Cancelled(FingerprintError):
+    """Raised inside a run when the caller's ``cancel()`` said so."""
+
+
+def resolve_model(model=None, device="cpu"):
+    """Return a FingerprintModel from a model object, a checkpoint path or None (starter)."""
+    from .checkpoint import FingerprintModel, default_model_path, load_checkpoint
+
+    if isinstance(model, FingerprintModel):
+        return model
+    path = default_model_path() if model in (None, "") else Path(model)
+    return load_checkpoint(path, device=device)
+
+
+def _progress_reporter(progress, total: int, desc: str):
+    """Turn the ``progress`` argument into a function ``update(n_done, message)`` and a closer."""
+    if callable(progress):
+        state = {"done": 0}
+
+        def update(n, message=""):
+            state["done"] += n
+            progress(state["done"], total, message)
+
+        return update, lambda: None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+        return (lambda n, message="": bar.update(n)), bar.close
+    return (lambda n, message="": None), lambda: None
+
+
+def index(
+    sources: Sequence[Union[str, Path]],
+    library: Union[str, Path],
+    model=None,
+    dataset: str = "",
+    manifest: Optional[Union[str, Path]] = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    num_workers: int = 0,
+    skip_duplicates: bool = True,
+    progress: Union[bool, ProgressFn] = True,
+    cancel: Optional[Callable[[], bool]] = None,
+    transactional: bool = False,
+) -> IndexReport:
+    """Embed every image found under ``sources`` and add it to the library file ``library``.
+
+    Files that cannot be read are collected in ``report.failures`` and do not stop the run.
+    By default each batch is stored as soon as it is embedded, so a long run that dies keeps
+    what it finished. With ``transactional=True`` nothing is written until every image is
+    embedded: a cancelled or killed run leaves the library exactly as it was.
+    """
+    from .embed import Embedder
+    from .io import discover
+    from .library import EmbeddingLibrary
+
+    started = time.perf_counter()
+    fmodel = resolve_model(model)
+    found = discover([str(s) for s in sources], manifest=manifest, dataset=dataset)
+    report = IndexReport(discovered=len(found.records), failures=list(found.failures))
+    update, close = _progress_reporter(progress, len(found.records), "embedding")
+    embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers)
+
+    pending = []  # batches held back in transactional mode
+
+    def store(batches):
+        with EmbeddingLibrary.open(library, mode="a", model=fmodel) as lib:
+            for batch in batches:
+                result = lib.add(batch.records, batch.content_hashes, batch.embeddings,
+                                 skip_duplicates=skip_duplicates)
+                report.added += result.added
+                report.duplicates += len(result.duplicates)
+
+    try:
+        # Open once up front so a model mismatch or a locked library fails before any work.
+        with EmbeddingLibrary.open(library, mode="a", model=fmodel):
+            pass
+        for batch in embedder.iter_batches(found.records):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled by the user")
+            report.failures.extend(batch.failures)
+            if len(batch.records):
+                if transactional:
+                    pending.append(batch)
+                else:
+                    store([batch])
+            update(len(batch.records) + len(batch.failures), f"{report.added} added")
+        if pending:
+            store(pending)
+    except Cancelled:
+        report.cancelled = True
+    finally:
+        close()
+    report.seconds = time.perf_counter() - started
+    logger.info("indexed %d images into %s in %.1f s (%d duplicates, %d failures)",
+                report.added, library, report.seconds, report.duplicates, len(report.failures))
+    return report
+
+
+def load_query_image(image) -> LoadedImage:
+    """A query given as a path (file or DICOM series folder) or an already loaded image."""
+    if isinstance(image, LoadedImage):
+        return image
+    from .io import read_image
+
+    return read_image(str(image))
+
+
+def query(
+    images: Iterable,
+    library: Union[str, Path],
+    model=None,
+    k: int = 10,
+    device: str = "auto",
+    failures: Optional[List[Failure]] = None,
+):
+    """Rank the library's images and subjects for each query image.
+
+    ``images`` are paths or :class:`LoadedImage` objects. A bad image raises, unless a list
+    is passed as ``failures``: then it is recorded there and skipped. Returns one
+    ``QueryResult`` per kept image, in order, with ``.query`` set to the image's name.
+    """
+    from .embed import Embedder
+    from .library import EmbeddingLibrary
+    from .search import rank
+
+    fmodel = resolve_model(model)
+    with EmbeddingLibrary.open(library, mode="r", model=fmodel) as lib:
+        if len(lib) == 0:
+            raise LibraryError(f"{library}: the library is empty; index some images first")
+        names, loaded = [], []
+        for image in images:
+            name = image.record.source if isinstance(image, LoadedImage) else str(image)
+            try:
+                item = load_query_image(image)
+                fmodel.check_image(item)
+            except FingerprintError as exc:
+                if failures is None:
+                    raise
+                failures.append(Failure.from_exception(name, exc))
+                continue
+            names.append(name)
+            loaded.append(item)
+        if not loaded:
+            return []
+        embeddings = Embedder(fmodel, device=device).embed_loaded(loaded)
+        results = rank(lib, embeddings, k=k, calibration=fmodel.calibration)
+    for name, result in zip(names, results):
+        result.query = name
+    return results
