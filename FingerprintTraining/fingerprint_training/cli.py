@@ -1,0 +1,170 @@
+"""``subject-fingerprint split | train | evaluate``: registered into the main command line by
+``register(subparsers)``. Heavy imports (torch) happen inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+def _error(message) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+# -- split --------------------------------------------------------------------------------------
+
+def _add_split(sub) -> None:
+    p = sub.add_parser("split", help="make subject-disjoint train/val/test splits",
+                       description="Split the subjects found in SOURCE into subject-disjoint "
+                                   "train/validation/test lists (seeded) and write them as JSON.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--manifest", help="CSV with subject_id,image_path[,modality,view]")
+    p.add_argument("--out", required=True, help="split file to write (.json)")
+    p.add_argument("--fractions", nargs=3, type=float, default=[0.7, 0.1, 0.2],
+                   metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=run_split)
+
+
+def run_split(args) -> int:
+    from subject_fingerprint.errors import FingerprintError
+    from subject_fingerprint.io import discover
+
+    from .splits import make_split, save_split
+    try:
+        found = discover([args.source], manifest=args.manifest)
+        split = make_split(found.records, fractions=args.fractions, seed=args.seed,
+                           source=args.source, manifest=args.manifest or "")
+        save_split(split, args.out)
+    except (FingerprintError, ValueError, OSError) as exc:
+        return _error(exc)
+    for f in found.failures:
+        print(f"warning: {f.path}: {f.reason}", file=sys.stderr)
+    for name in ("train", "val", "test"):
+        c = split["counts"][name]
+        print(f"{name:5s}: {c['subjects']} subjects ({c['subjects_with_2plus_images']} with 2+ images), "
+              f"{c['images']} images")
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+# -- train --------------------------------------------------------------------------------------
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a fingerprint model",
+                       description="Train a fingerprint network on the training subjects of SPLIT; "
+                                   "RUN_DIR gets best.pt, last.pt, log.csv and training.png. Under "
+                                   "torchrun it trains with DDP on every rank.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--manifest")
+    p.add_argument("--split", help="split file from `split` (default: train on everything, no validation)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--depth", type=int, default=50, help="ResNet depth (18, 34, 50, ...)")
+    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--size", type=int, nargs="+", default=None,
+                   help="input size: 2 numbers for 2D (default 64 64), 3 for 3D (default 48 48 48)")
+    p.add_argument("--spacing", type=float, nargs=3, default=None, help="3D: resample to this spacing (mm) first")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-subjects", type=int, default=32, metavar="P")
+    p.add_argument("--images-per-subject", type=int, default=4, metavar="K")
+    p.add_argument("--loss", choices=("triplet", "contrastive"), default="triplet")
+    p.add_argument("--miner", choices=("algorithm1", "batch-hard", "all"), default="algorithm1")
+    p.add_argument("--margin", type=float, default=None,
+                   help="triplet margin / contrastive negative margin (default 4 unnormalised "
+                        "triplet as in the paper, 0.2 normalised triplet, 1 contrastive)")
+    p.add_argument("--xbm", type=int, default=0, metavar="SIZE", help="cross-batch memory size (0 = off)")
+    p.add_argument("--xbm-start", type=int, default=0, help="use the memory from this step on")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise embeddings")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=5.0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="first train this many steps with every image (singletons too) as its own "
+                        "subject, positives = augmented copies")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--val-episodes", type=int, default=100)
+    p.add_argument("--val-n-way", type=int, default=20)
+    p.add_argument("--val-k-shot", type=int, default=1)
+    p.add_argument("--patience", type=int, default=0, help="validations without improvement before stopping (0 = never)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time (resumable)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--cross-modal", action="store_true",
+                   help="positives must be of another modality than the anchor (MRI)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
+    p.add_argument("--no-calibrate", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_train)
+
+
+def config_from_args(args):
+    from .trainer import TrainConfig
+    size = args.size or ([64, 64] if args.dims == 2 else [48, 48, 48])
+    if len(size) != args.dims:
+        raise ValueError(f"--size needs {args.dims} numbers for --dims {args.dims}")
+    return TrainConfig(
+        source=args.source, manifest=args.manifest, split=args.split, out=args.out, dims=args.dims,
+        depth=args.depth, embedding_dim=args.embedding_dim, size=tuple(size),
+        spacing=tuple(args.spacing) if args.spacing else None, steps=args.steps,
+        batch_subjects=args.batch_subjects, images_per_subject=args.images_per_subject,
+        loss=args.loss, miner=args.miner, margin=args.margin, xbm=args.xbm, xbm_start=args.xbm_start,
+        normalize=args.normalize, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        grad_clip=args.grad_clip, augment=not args.no_augment, pretrain_steps=args.pretrain_steps,
+        device=args.device, amp=not args.no_amp, val_every=args.val_every,
+        val_episodes=args.val_episodes, val_n_way=args.val_n_way, val_k_shot=args.val_k_shot,
+        patience=args.patience, resume=args.resume, seed=args.seed, cross_modal=args.cross_modal,
+        max_minutes=args.max_minutes, progress=not args.quiet, calibrate=not args.no_calibrate,
+        threads=args.threads)
+
+
+def run_train(args) -> int:
+    from subject_fingerprint.errors import FingerprintError
+
+    from .trainer import run_training
+    try:
+        result = run_training(config_from_args(args))
+    except (FingerprintError, ValueError, OSError) as exc:
+        return _error(exc)
+    if result.best_path is not None:
+        print(json.dumps({"best": result.best_path, "best_step": result.best_step,
+                          "best_val_mean_recall": result.best_metric, "steps_done": result.steps_done,
+                          "stopped_early": result.stopped_early, "interrupted": result.interrupted,
+                          "seconds": round(result.seconds, 1), "log": result.log_path,
+                          "plot": result.plot_path}, indent=1))
+    return EXIT_OK
+
+
+# -- evaluate (the evaluation helper's module) --------------------------------------------------
+
+def _add_evaluate(sub) -> None:
+    mod = None
+    if importlib.util.find_spec(__package__ + ".evaluate") is not None:
+        mod = importlib.import_module(__package__ + ".evaluate")
+    if mod is not None and hasattr(mod, "register"):
+        mod.register(sub)
+        return
+    p = sub.add_parser("evaluate", help="evaluate a model on a split (N-way K-shot, mAP@R, AUC, baselines)")
+    if mod is not None and hasattr(mod, "add_arguments") and hasattr(mod, "main"):
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.main)
+    else:
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args: _error("the evaluation module is not installed"))
+
+
+def register(subparsers) -> None:
+    """Add ``split``, ``train`` and ``evaluate`` to the main command line."""
+    _add_split(subparsers)
+    _add_train(subparsers)
+    _add_evaluate(subparsers)

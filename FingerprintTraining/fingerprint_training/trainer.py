@@ -1,0 +1,582 @@
+"""The training loop: P x K subject batches, mining + loss options, AdamW with a warmed-up cosine
+schedule, validation with the N-way K-shot protocol, best/last checkpoints, exact resume.
+
+Reproducibility: every random draw of step ``s`` (batch, augmentation, random hard negative)
+comes from generators seeded by (seed, s, rank), and the network is initialised from ``seed``;
+so on CPU the same seed gives the same weights, and a run resumed from ``last.pt`` continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import distributed as ddp
+from .augment import AugmentConfig, augment
+from .data import InMemoryDataset
+from .losses import MetricObjective
+from .sampler import InstanceBatchSampler, SubjectBatchSampler
+
+STATE_FORMAT = "fingerprint-training-state/1"
+LOG_COLUMNS = ("step", "phase", "loss", "used_triplets", "active_triplets", "candidates", "memory",
+               "lr", "seconds", "val_mean_recall", "val_hit_1", "val_hit_5", "val_n_way")
+
+
+@dataclass
+class TrainConfig:
+    """Every hyperparameter of a run; stored in the checkpoint's metadata["training"]."""
+
+    source: str = ""
+    manifest: Optional[str] = None
+    split: Optional[str] = None
+    out: str = "run"
+    dims: int = 2
+    depth: int = 50
+    embedding_dim: int = 128
+    size: Sequence[int] = (64, 64)
+    spacing: Optional[Sequence[float]] = None
+    steps: int = 2000
+    batch_subjects: int = 32
+    images_per_subject: int = 4
+    loss: str = "triplet"            # triplet | contrastive
+    miner: str = "algorithm1"        # algorithm1 | batch-hard | all
+    margin: Optional[float] = None   # None: 4.0 triplet (paper), 0.2 normalised triplet, 1.0 contrastive
+    pos_margin: float = 0.0
+    xbm: int = 0                     # cross-batch memory size (0 = off)
+    xbm_start: int = 0
+    normalize: bool = False
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 50
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 5.0
+    augment: bool = True
+    pretrain_steps: int = 0          # instance-discrimination steps (each image a "subject") first
+    device: str = "auto"
+    amp: bool = True                 # mixed precision; only ever used on CUDA
+    val_every: int = 100             # 0 = validate only at the end
+    val_episodes: int = 100
+    val_n_way: int = 20
+    val_k_shot: int = 1
+    patience: int = 0                # validations without improvement before stopping; 0 = never
+    resume: bool = False
+    seed: int = 42
+    cross_modal: bool = False
+    max_minutes: float = 0.0         # stop (saving last.pt) after this wall time; 0 = no limit
+    stop_at: Optional[int] = None    # stop after this many steps as if interrupted (tests)
+    progress: bool = True
+    calibrate: bool = True
+    threads: int = 0                 # torch CPU threads (0 = torch default)
+    write_outputs: bool = True
+
+    def resolved_margin(self) -> float:
+        if self.margin is not None:
+            return float(self.margin)
+        if self.loss == "contrastive":
+            return 1.0
+        return 0.2 if self.normalize else 4.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["size"] = list(self.size)
+        d["spacing"] = list(self.spacing) if self.spacing else None
+        d["margin"] = self.resolved_margin()
+        return d
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    best_path: Optional[str]
+    last_path: Optional[str]
+    log_path: Optional[str]
+    plot_path: Optional[str]
+    steps_done: int
+    best_step: int
+    best_metric: Optional[float]
+    best_validation: dict = field(default_factory=dict)
+    stopped_early: bool = False
+    interrupted: bool = False
+    seconds: float = 0.0
+    last_loss: Optional[float] = None
+
+
+def _seed_for(*parts: int) -> int:
+    # A stable 63-bit seed from a tuple (hash() of ints is stable, but keep it explicit).
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fallback_nway_kshot(embeddings, labels, n_way, k_shot, episodes=100, seed=0, max_r=5, groups=None):
+    """Minimal N-way K-shot (Mean-Recall@K, Mean Hit@R) used only when the evaluation
+    package's ``metrics.nway_kshot`` is not installed."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    eligible = [s for s in np.unique(labels) if (labels == s).sum() >= k_shot + 1]
+    recalls, hits = [], {r: [] for r in range(1, max_r + 1)}
+    for _ in range(episodes):
+        chosen = rng.choice(eligible, n_way, replace=False)
+        sup, sup_lab, qry, qry_lab = [], [], [], []
+        for s in chosen:
+            idx = rng.permutation(np.flatnonzero(labels == s))[:k_shot + 1]
+            sup += list(idx[:k_shot]); sup_lab += [s] * k_shot; qry.append(idx[k_shot]); qry_lab.append(s)
+        d = np.linalg.norm(embeddings[qry][:, None] - embeddings[sup][None], axis=2)
+        order = np.argsort(d, axis=1, kind="stable")
+        rel = np.asarray(sup_lab)[order] == np.asarray(qry_lab)[:, None]
+        recalls.append(rel[:, :k_shot].sum(1).mean() / k_shot)
+        for r in hits:
+            hits[r].append(rel[:, :r].any(1).mean())
+    return {"n_way": int(n_way), "k_shot": int(k_shot), "episodes": int(episodes),
+            "mean_recall_at_k": float(np.mean(recalls)),
+            "mean_hit_at_r": {str(r): float(np.mean(v)) for r, v in hits.items()}}
+
+
+def _nway_kshot():
+    try:
+        from .metrics import nway_kshot
+        return nway_kshot
+    except ImportError:
+        return fallback_nway_kshot
+
+
+def eligible_subjects(labels: np.ndarray, k_shot: int) -> int:
+    counts = np.bincount(np.asarray(labels))
+    return int((counts >= k_shot + 1).sum())
+
+
+class Trainer:
+    """One training run on preloaded datasets (see :func:`run_training` for files/splits)."""
+
+    def __init__(self, config: TrainConfig, train_set: InMemoryDataset,
+                 val_set: Optional[InMemoryDataset] = None, preprocessing=None,
+                 data_info: Optional[dict] = None, modalities: Sequence[str] = ()):
+        from subject_fingerprint.checkpoint import FingerprintModel
+        from subject_fingerprint.device import resolve_device
+
+        self.cfg = config
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        device, notice = resolve_device(config.device)
+        if notice:
+            print(notice)
+        self.ctx = ddp.setup(device)
+        self.device = self.ctx.device
+        self.train_set, self.val_set = train_set, val_set
+        self.data_info = dict(data_info or {})
+        if preprocessing is None:
+            from subject_fingerprint.preprocess import Preprocessing
+            preprocessing = Preprocessing(spatial_dims=config.dims, size=tuple(config.size),
+                                          spacing=tuple(config.spacing) if config.spacing else None)
+        if train_set.spatial_dims != config.dims:
+            raise ValueError(f"training images are {train_set.spatial_dims}D but --dims is {config.dims}")
+        torch.manual_seed(config.seed)  # identical initial weights on every rank and every run
+        self.model = FingerprintModel.create(config.dims, depth=config.depth,
+                                             embedding_dim=config.embedding_dim,
+                                             preprocessing=preprocessing, modalities=tuple(modalities))
+        self.model.network.to(self.device)
+        self.network = ddp.wrap(self.model.network, self.ctx)
+        self.sampler = SubjectBatchSampler(train_set.labels, config.batch_subjects,
+                                           config.images_per_subject, seed=config.seed,
+                                           rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                           groups=train_set.groups, cross_modal=config.cross_modal)
+        self.instance_sampler = None
+        if config.pretrain_steps > 0:
+            self.instance_sampler = InstanceBatchSampler(
+                len(train_set), self.sampler.batch_size // 2, copies=2, seed=config.seed,
+                rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.objective = MetricObjective(loss=config.loss, miner=config.miner,
+                                         margin=config.resolved_margin(), normalize=config.normalize,
+                                         xbm_size=config.xbm, embedding_dim=config.embedding_dim,
+                                         cross_modal=config.cross_modal, pos_margin=config.pos_margin,
+                                         xbm_start=config.xbm_start)
+        decay, no_decay = [], []
+        for name, p in self.network.named_parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on norms/biases
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.min_lr_ratio))
+        self.use_amp = bool(config.amp) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.aug_config = AugmentConfig()
+        self.out = Path(config.out)
+        self.writes = config.write_outputs and self.ctx.is_main
+        self.step = 0
+        self.best_metric: Optional[float] = None
+        self.best_step = -1
+        self.best_validation: dict = {}
+        self.bad_validations = 0
+        self.rows: list = []
+        self.seconds_before = 0.0
+
+    # -- one step -------------------------------------------------------------------------------
+    def _batch(self, step: int):
+        ds = self.train_set
+        if self.instance_sampler is not None and step < self.cfg.pretrain_steps:
+            idx = self.instance_sampler.batch(step)
+            n = len(idx)
+            labels = torch.from_numpy(idx.astype(np.int64))
+            ids = torch.arange(n, dtype=torch.long)          # every copy a distinct view
+            groups = torch.arange(n, dtype=torch.long)       # so cross-modal masks accept copies
+            return "pretrain", idx, labels, ids, groups
+        idx = self.sampler.batch(step)
+        return ("train", idx, torch.from_numpy(ds.labels[idx]), torch.from_numpy(idx.astype(np.int64)),
+                torch.from_numpy(ds.groups[idx]))
+
+    def train_step(self, step: int) -> dict:
+        phase, idx, labels, ids, groups = self._batch(step)
+        if phase == "train" and step == self.cfg.pretrain_steps and self.objective.memory is not None \
+                and self.cfg.pretrain_steps > 0:
+            self.objective.memory = type(self.objective.memory)(self.cfg.xbm, self.cfg.embedding_dim)
+        x = self.train_set.images[torch.from_numpy(idx)].to(self.device, non_blocking=True)
+        rank = self.ctx.rank
+        if self.cfg.augment:
+            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, rank, 1))
+            x = augment(x, gen, self.aug_config)
+        mine_gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, rank, 2))
+        self.network.train()
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            emb = self.network(x)
+        loss, stats = self.objective(emb.float(), labels, ids, groups, generator=mine_gen, step=step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip and self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"step": step, "phase": phase, "loss": float(loss.detach()),
+                "used_triplets": stats.used_triplets, "active_triplets": stats.active,
+                "candidates": stats.candidates, "memory": stats.memory, "lr": lr}
+
+    # -- validation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        net = ddp.unwrap(self.network)
+        was_training = net.training
+        net.eval()
+        out = []
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i:i + batch_size].to(self.device)
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                out.append(net(x).float().cpu())
+        net.train(was_training)
+        emb = torch.cat(out)
+        if self.cfg.normalize:
+            emb = torch.nn.functional.normalize(emb, dim=1)
+        return emb.numpy()
+
+    def val_n_way(self) -> int:
+        if self.val_set is None:
+            return 0
+        n = min(self.cfg.val_n_way, eligible_subjects(self.val_set.labels, self.cfg.val_k_shot))
+        return n if n >= 2 else 0
+
+    def validate(self) -> Optional[dict]:
+        n_way = self.val_n_way()
+        if not n_way:
+            return None
+        emb = self.embed(self.val_set.images)
+        groups = self.val_set.groups if self.cfg.cross_modal else None
+        return _nway_kshot()(emb, self.val_set.labels, n_way=n_way, k_shot=self.cfg.val_k_shot,
+                             episodes=self.cfg.val_episodes, seed=0, groups=groups)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _metadata(self, steps_done: int) -> dict:
+        training = dict(self.data_info)
+        training.update({
+            "steps": int(steps_done), "best_step": int(self.best_step),
+            "hyperparameters": self.cfg.to_dict(),
+            "train_summary": self.train_set.summary(),
+            "val_summary": self.val_set.summary() if self.val_set is not None else None,
+            "world_size": self.ctx.world_size, "device": str(self.device),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "seconds": round(self.seconds_before, 1),
+        })
+        return training
+
+    def save_best(self, validation: Optional[dict]) -> None:
+        from subject_fingerprint.checkpoint import save_checkpoint
+        self.model.metadata["training"] = self._metadata(self.step)
+        self.model.metadata["metrics"] = {"validation": validation} if validation else {}
+        save_checkpoint(self.model, self.out / "best.pt")
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "step": int(self.step),
+                "network": {k: v.detach().cpu() for k, v in ddp.unwrap(self.network).state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "xbm": self.objective.memory.state_dict() if self.objective.memory is not None else None,
+                "best_metric": self.best_metric, "best_step": self.best_step,
+                "best_validation": json.dumps(self.best_validation),
+                "bad_validations": self.bad_validations, "seconds": self.seconds_before,
+                "config": json.dumps(self.cfg.to_dict()),
+                "torch_rng": torch.get_rng_state()}
+
+    def save_last(self) -> None:
+        path = self.out / "last.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load_last(self, path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not a training state file")
+        saved = json.loads(state["config"])
+        for key in ("dims", "depth", "embedding_dim", "loss", "miner", "normalize", "xbm", "seed",
+                    "batch_subjects", "images_per_subject"):
+            if saved.get(key) != self.cfg.to_dict().get(key):
+                raise ValueError(f"cannot resume: {key} was {saved.get(key)!r}, now {self.cfg.to_dict().get(key)!r}")
+        ddp.unwrap(self.network).load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state["xbm"] is not None and self.objective.memory is not None:
+            self.objective.memory.load_state_dict(state["xbm"])
+        self.step = int(state["step"])
+        self.best_metric, self.best_step = state["best_metric"], int(state["best_step"])
+        self.best_validation = json.loads(state["best_validation"])
+        self.bad_validations = int(state["bad_validations"])
+        self.seconds_before = float(state["seconds"])
+        torch.set_rng_state(state["torch_rng"])
+
+    # -- log and plot ---------------------------------------------------------------------------
+    def _write_log(self) -> None:
+        path = self.out / "log.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for row in self.rows:
+                w.writerow(row)
+
+    def _read_log(self) -> None:
+        path = self.out / "log.csv"
+        if path.is_file():
+            with open(path, newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.step]
+
+    def plot(self) -> Optional[Path]:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.rows:
+            return None
+        steps = np.array([int(r["step"]) for r in self.rows])
+        loss = np.array([float(r["loss"]) for r in self.rows])
+        used = np.array([float(r["used_triplets"]) for r in self.rows])
+        lr = np.array([float(r["lr"]) for r in self.rows])
+        val = [(int(r["step"]), float(r["val_mean_recall"])) for r in self.rows if r.get("val_mean_recall") not in (None, "")]
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        axes[0].plot(steps, loss, alpha=0.3, label="loss")
+        win = max(1, len(loss) // 50)
+        axes[0].plot(steps, np.convolve(loss, np.ones(win) / win, mode="same"), label=f"mean of {win}")
+        axes[0].set_xlabel("step"); axes[0].set_title("training loss"); axes[0].legend()
+        axes[1].plot(steps, used, label="used triplets/pairs")
+        ax2 = axes[1].twinx()
+        ax2.plot(steps, lr, color="C3", label="learning rate")
+        axes[1].set_xlabel("step"); axes[1].set_title("used triplets (blue), lr (red)")
+        if val:
+            vs, vv = zip(*val)
+            axes[2].plot(vs, vv, marker="o")
+        axes[2].set_ylim(0, 1); axes[2].set_xlabel("step")
+        axes[2].set_title(f"validation {self.val_n_way()}-way {self.cfg.val_k_shot}-shot Mean-Recall@K")
+        fig.tight_layout()
+        path = self.out / "training.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    # -- calibration ----------------------------------------------------------------------------
+    def fit_calibration(self) -> Optional[dict]:
+        """Fit the evaluation package's calibration on validation pairs, if it is installed."""
+        try:
+            from .calibrate import fit_calibration
+        except ImportError:
+            return None
+        if self.val_set is None or eligible_subjects(self.val_set.labels, 1) < 1:
+            return None
+        emb = self.embed(self.val_set.images)
+        d = np.linalg.norm(emb[:, None] - emb[None], axis=2)
+        same = self.val_set.labels[:, None] == self.val_set.labels[None]
+        iu = np.triu_indices(len(emb), 1)
+        pos, neg = d[iu][same[iu]], d[iu][~same[iu]]
+        if len(pos) < 2 or len(neg) < 2:
+            return None
+        cal = fit_calibration(pos, neg, target_fpr=0.01)
+        return cal.to_dict() if hasattr(cal, "to_dict") else cal
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.writes:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (self.out / "last.pt").is_file():
+            self.load_last(self.out / "last.pt")
+            if self.writes:
+                self._read_log()
+        elif cfg.resume and self.ctx.is_main:
+            print(f"no {self.out / 'last.pt'} to resume from: starting afresh")
+        start_step, t0 = self.step, time.time()
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and self.ctx.is_main),
+                   desc="training", dynamic_ncols=True)
+        stopped_early = interrupted = False
+        last_loss = None
+        stop_at = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+        while self.step < stop_at:
+            row = self.train_step(self.step)
+            last_loss = row["loss"]
+            self.step += 1
+            row["step"] = self.step  # the log counts steps done
+            row["seconds"] = round(self.seconds_before + time.time() - t0, 2)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", used=row["used_triplets"])
+            is_last = self.step == cfg.steps
+            if (cfg.val_every and self.step % cfg.val_every == 0) or is_last:
+                ddp.average_buffers(self.network, self.ctx)
+                stop = False
+                if self.ctx.is_main:
+                    v = self.validate()
+                    if v is not None:
+                        metric = float(v["mean_recall_at_k"])
+                        row.update(val_mean_recall=metric, val_hit_1=v["mean_hit_at_r"].get("1"),
+                                   val_hit_5=v["mean_hit_at_r"].get("5"), val_n_way=v["n_way"])
+                        bar.write(f"step {self.step}: val {v['n_way']}-way {v['k_shot']}-shot "
+                                  f"Mean-Recall@K {metric:.4f}  Hit@1 {v['mean_hit_at_r'].get('1', float('nan')):.4f}")
+                        if self.best_metric is None or metric > self.best_metric:
+                            self.best_metric, self.best_step, self.best_validation = metric, self.step, v
+                            self.bad_validations = 0
+                            if self.writes:
+                                self.seconds_before += time.time() - t0; t0 = time.time()
+                                self.save_best(v)
+                        else:
+                            self.bad_validations += 1
+                            stop = bool(cfg.patience) and self.bad_validations >= cfg.patience
+                    elif is_last and self.writes:  # nothing to validate on: keep the final weights
+                        self.best_step = self.step
+                        self.save_best(None)
+                self.rows.append(row)
+                stopped_early = ddp.broadcast_flag(stop, self.ctx)
+                if self.writes:
+                    self.seconds_before += time.time() - t0; t0 = time.time()
+                    self.save_last(); self._write_log()
+                if stopped_early:
+                    bar.write(f"early stop at step {self.step}: no improvement in {cfg.patience} validations")
+                    break
+            else:
+                self.rows.append(row)
+            if cfg.max_minutes:  # every rank asks, rank 0's clock decides
+                over = (self.seconds_before + time.time() - t0) / 60 > cfg.max_minutes
+                if ddp.broadcast_flag(over, self.ctx):
+                    interrupted = True
+                    break
+        bar.close()
+        ddp.average_buffers(self.network, self.ctx)
+        if self.step < cfg.steps and not stopped_early:
+            interrupted = True
+        self.seconds_before += time.time() - t0
+        if interrupted and self.ctx.is_main:
+            # time limit or --stop-at: validate what we have so best.pt reflects it, then save state
+            if self.writes and self.rows and self.rows[-1].get("val_mean_recall") in (None, ""):
+                v = self.validate()
+                if v is not None and (self.best_metric is None or v["mean_recall_at_k"] > self.best_metric):
+                    self.best_metric, self.best_step, self.best_validation = float(v["mean_recall_at_k"]), self.step, v
+                    self.save_best(v)
+                if v is not None:
+                    self.rows[-1].update(val_mean_recall=v["mean_recall_at_k"], val_n_way=v["n_way"],
+                                         val_hit_1=v["mean_hit_at_r"].get("1"), val_hit_5=v["mean_hit_at_r"].get("5"))
+            if self.writes:
+                self.save_last(); self._write_log()
+        plot_path = None
+        if self.writes:
+            if self.best_step < 0:
+                self.best_step = self.step
+                self.save_best(None)
+            if cfg.calibrate and (self.out / "best.pt").is_file() and not interrupted:
+                self._calibrate_best()
+            plot_path = self.plot()
+        ddp.barrier(self.ctx)
+        return TrainResult(out_dir=str(self.out), best_path=str(self.out / "best.pt") if self.writes else None,
+                           last_path=str(self.out / "last.pt") if self.writes else None,
+                           log_path=str(self.out / "log.csv") if self.writes else None,
+                           plot_path=str(plot_path) if plot_path else None, steps_done=self.step,
+                           best_step=self.best_step, best_metric=self.best_metric,
+                           best_validation=self.best_validation, stopped_early=stopped_early,
+                           interrupted=interrupted, seconds=self.seconds_before, last_loss=last_loss)
+
+    def _calibrate_best(self) -> None:
+        from subject_fingerprint.checkpoint import load_checkpoint, save_checkpoint
+        best = load_checkpoint(self.out / "best.pt")
+        current = {k: v.detach().clone() for k, v in ddp.unwrap(self.network).state_dict().items()}
+        ddp.unwrap(self.network).load_state_dict(best.network.state_dict())
+        try:
+            cal = self.fit_calibration()
+        finally:
+            ddp.unwrap(self.network).load_state_dict(current)
+        if cal is not None:
+            best.metadata["calibration"] = cal
+            save_checkpoint(best, self.out / "best.pt")
+
+
+# -- from files -------------------------------------------------------------------------------------
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Discover the images of ``cfg.source``, keep the split's train/val subjects, preload them
+    and train. The checkpoint records source, manifest, split file and its sha256."""
+    from subject_fingerprint.io import discover
+    from subject_fingerprint.records import modality_family
+
+    from .data import preload
+    from .splits import file_sha256, load_split, records_in
+
+    found = discover([cfg.source], manifest=cfg.manifest)
+    records = found.records
+    if not records:
+        raise ValueError(f"no images found in {cfg.source}")
+    if cfg.split:
+        split = load_split(cfg.split)
+        train_recs, val_recs = records_in(records, split, "train"), records_in(records, split, "val")
+        split_info = {"split": str(cfg.split), "split_sha256": file_sha256(cfg.split)}
+    else:
+        train_recs, val_recs, split_info = records, [], {"split": None}
+    from subject_fingerprint.preprocess import Preprocessing
+    pre = Preprocessing(spatial_dims=cfg.dims, size=tuple(cfg.size),
+                        spacing=tuple(cfg.spacing) if cfg.spacing else None)
+    show = cfg.progress and int(os.environ.get("RANK", "0")) == 0
+    train_set = preload(train_recs, pre, progress=show, description="loading train")
+    val_set = preload(val_recs, pre, progress=show, description="loading val") if val_recs else None
+    for ds in (train_set, val_set):
+        for f in (ds.failures if ds is not None else []):
+            print(f"warning: skipped {f.path}: {f.reason}")
+    families = sorted({modality_family(r.modality) for r in train_set.records} - {"other"})
+    info = {"source": str(cfg.source), "manifest": str(cfg.manifest) if cfg.manifest else None,
+            "discovered_images": len(records), "discovery_failures": len(found.failures), **split_info}
+    trainer = Trainer(cfg, train_set, val_set, preprocessing=pre, data_info=info, modalities=families)
+    try:
+        return trainer.run()
+    finally:
+        ddp.cleanup(trainer.ctx)
