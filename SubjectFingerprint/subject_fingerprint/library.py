@@ -1,0 +1,666 @@
+"""The embedding library: one HDF5 file holding fingerprint embeddings and who they belong to.
+
+Layout (readable with plain h5py; strings are UTF-8, read them with ``dset.asstr()[...]``)::
+
+    /embeddings    float32 (N, D), chunked (4096, D), resizable
+    /subject_id /image_id /dataset /modality /view /source    variable-length UTF-8 strings (N,)
+    /content_hash  fixed-length UTF-8 string (N,) (64 bytes for a SHA-256 hex digest; widened
+                   if a longer hash ever comes)
+    /added         float64 (N,) unix time the entry was added
+    attrs: format_version (int), model_id (str), model_metadata (JSON text), embedding_dim (int)
+
+Crash safety (copy-on-write). A published library file is never modified in place. A write
+session copies the file to ``<name>.tmp-<pid>-<random>`` in the same folder the first time it
+changes something, makes its changes in the copy, and on ``commit()`` / ``close()`` flushes,
+fsyncs and ``os.replace``-s the copy over the library (atomic on POSIX and Windows). A crash or
+kill at any moment therefore leaves either the old file or the new one, never a mixture; the
+abandoned copy is deleted by the next writer. Readers take no lock at all: an open reader keeps
+reading the file it opened (the old inode) while a writer publishes a new one.
+
+The cost is a copy of the whole file once per write session (about 1.5 s per GB here), so
+callers that add many small batches to a large library should open once and ``commit()`` every
+so often rather than opening per batch.
+
+Writers are serialised by an OS lock (``fcntl.flock``, or ``msvcrt.locking`` on Windows) on
+``<name>.lock``: a second writer waits up to ``lock_timeout`` seconds and then gets
+``LibraryLockedError`` naming the process that holds the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import LibraryError, LibraryLockedError, ModelMismatchError
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+    import msvcrt
+
+FORMAT_VERSION = 1
+CHUNK_ROWS = 4096
+HASH_WIDTH = 64  # hex SHA-256
+STRING_COLUMNS = ("subject_id", "image_id", "dataset", "modality", "view", "source")
+COLUMNS = STRING_COLUMNS + ("content_hash", "added")
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+
+@dataclass
+class Duplicate:
+    """An image that was not added because its pixels are already stored (or earlier in the
+    same batch); ``existing_*`` name the entry it duplicates."""
+
+    record: object
+    content_hash: str
+    existing_subject_id: str
+    existing_image_id: str
+
+    def to_dict(self) -> dict:
+        return {
+            "source": getattr(self.record, "source", ""),
+            "subject_id": getattr(self.record, "subject_id", ""),
+            "image_id": getattr(self.record, "image_id", ""),
+            "content_hash": self.content_hash,
+            "existing_subject_id": self.existing_subject_id,
+            "existing_image_id": self.existing_image_id,
+        }
+
+
+@dataclass
+class AddResult:
+    """What one ``add`` call stored."""
+
+    added: int = 0
+    duplicates: List[Duplicate] = field(default_factory=list)
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _vlen_str():
+    return _h5py().string_dtype("utf-8")
+
+
+def _fixed_str(width: int):
+    return _h5py().string_dtype("utf-8", width)
+
+
+def _to_str(values) -> np.ndarray:
+    """Decode what h5py returns for a string column into an object array of ``str``."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v.decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v)
+    return out
+
+
+def _fsync_path(path, directory=False) -> None:
+    flags = os.O_RDONLY
+    if directory:
+        if os.name == "nt":  # directories cannot be fsynced on Windows
+            return
+        flags |= getattr(os, "O_DIRECTORY", 0)
+    fd = os.open(str(path), flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _WriterLock:
+    """Exclusive advisory lock on ``<library>.lock``; the holder writes its pid into it."""
+
+    def __init__(self, library_path: Path, timeout: float):
+        self.path = Path(str(library_path) + ".lock")
+        self.library_path = library_path
+        deadline = time.monotonic() + max(0.0, timeout)
+        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while not self._try_lock():
+                if time.monotonic() >= deadline:
+                    holder = self._holder()
+                    who = f" (pid {holder})" if holder else ""
+                    raise LibraryLockedError(
+                        f"another process is writing to {library_path}{who}; try again when it "
+                        f"has finished (lock file {self.path})")
+                time.sleep(0.05)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = None
+            raise
+        # Who holds the lock, for the message a waiting writer gets.
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def _try_lock(self) -> bool:
+        try:
+            if fcntl is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:  # pragma: no cover
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _holder(self) -> str:
+        try:
+            with open(self.path, "rb") as fh:
+                return fh.read(32).decode("ascii", "replace").strip()
+        except OSError:
+            return ""
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if fcntl is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            else:  # pragma: no cover
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+class EmbeddingLibrary:
+    """An open embedding library. Use :meth:`open` (a context manager)."""
+
+    def __init__(self, path: Path, mode: str):
+        self.path = Path(path)
+        self.mode = mode
+        self._h5 = None  # handle of the published file (read) or of the working copy (write)
+        self._work: Optional[Path] = None  # working copy while there are uncommitted changes
+        self._lock: Optional[_WriterLock] = None
+        self._embeddings: Optional[np.ndarray] = None
+        self._norms: Optional[np.ndarray] = None
+        self._hash_index = None  # (sorted hashes, their rows)
+        self.model_id = ""
+        self.model_metadata: dict = {}
+        self.embedding_dim = 0
+        self.format_version = FORMAT_VERSION
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path, mode: str = "r", model=None, *, model_id: Optional[str] = None,
+             model_metadata: Optional[dict] = None, embedding_dim: Optional[int] = None,
+             lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> "EmbeddingLibrary":
+        """Open the library at ``path``.
+
+        ``mode="r"`` reads (no lock; the file must exist). ``mode="a"`` reads and writes, taking
+        the writer lock (waiting up to ``lock_timeout`` seconds), and creates the file if it is
+        missing; creating needs ``model`` (anything with ``model_id``, ``metadata`` and
+        ``embedding_dim``) or ``model_id`` + ``embedding_dim`` (+ ``model_metadata``).
+        With a model, a library made by a different model raises ``ModelMismatchError``.
+        """
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
+        if model is not None:
+            model_id = model_id or str(model.model_id)
+            if model_metadata is None:
+                model_metadata = dict(getattr(model, "metadata", {}) or {})
+            if embedding_dim is None:
+                embedding_dim = int(model.embedding_dim)
+        lib = cls(Path(path), mode)
+        try:
+            if mode == "a":
+                lib._lock = _WriterLock(lib.path, lock_timeout)
+                lib._remove_stale_copies()
+                if not lib.path.exists():
+                    if not model_id or not embedding_dim:
+                        raise LibraryError(
+                            f"{lib.path}: no library there, and a model is needed to create one")
+                    lib._create(model_id, model_metadata or {}, int(embedding_dim))
+            elif not lib.path.exists():
+                raise LibraryError(f"{lib.path}: no embedding library at this path")
+            lib._open_published()
+            if model_id and lib.model_id != model_id:
+                raise ModelMismatchError(
+                    f"{lib.path} holds embeddings of model {lib.model_id}, but the model given is "
+                    f"{model_id}; use the model that built the library or a new library file")
+        except BaseException:
+            lib._abandon()
+            raise
+        return lib
+
+    def _remove_stale_copies(self) -> None:
+        # We hold the writer lock, so any working copy left beside the library is from a
+        # writer that died before committing.
+        for stale in self.path.parent.glob(self.path.name + ".tmp-*"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+    def _new_work_path(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+    def _create(self, model_id: str, metadata: dict, dim: int) -> None:
+        h5py = _h5py()
+        work = self._new_work_path()
+        try:
+            with h5py.File(work, "w", locking=False) as f:
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["model_id"] = str(model_id)
+                f.attrs["model_metadata"] = json.dumps(metadata, default=str, sort_keys=True)
+                f.attrs["embedding_dim"] = int(dim)
+                f.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim),
+                                 dtype="float32", chunks=(CHUNK_ROWS, dim))
+                for name in STRING_COLUMNS:
+                    f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_vlen_str(),
+                                     chunks=(CHUNK_ROWS,))
+                f.create_dataset("content_hash", shape=(0,), maxshape=(None,),
+                                 dtype=_fixed_str(HASH_WIDTH), chunks=(CHUNK_ROWS,))
+                f.create_dataset("added", shape=(0,), maxshape=(None,), dtype="float64",
+                                 chunks=(CHUNK_ROWS,))
+            self._publish(work)
+        except BaseException:
+            work.unlink(missing_ok=True)
+            raise
+
+    def _open_published(self) -> None:
+        h5py = _h5py()
+        try:
+            self._h5 = h5py.File(self.path, "r", locking=False)
+        except OSError as exc:
+            raise LibraryError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+        self._read_header()
+
+    def _read_header(self) -> None:
+        f = self._h5
+        attrs = f.attrs
+        missing = [a for a in ("format_version", "model_id", "embedding_dim") if a not in attrs]
+        missing += [c for c in ("embeddings",) + COLUMNS if c not in f]
+        if missing:
+            raise LibraryError(f"{self.path}: not an embedding library (missing "
+                               f"{', '.join(missing)})")
+        version = int(attrs["format_version"])
+        if version > FORMAT_VERSION:
+            raise LibraryError(f"{self.path}: library format version {version} is newer than this "
+                               f"software understands ({FORMAT_VERSION}); update subject-fingerprint")
+        self.format_version = version
+        mid = attrs["model_id"]
+        self.model_id = mid.decode() if isinstance(mid, bytes) else str(mid)
+        raw = attrs.get("model_metadata", "{}")
+        raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+        try:
+            self.model_metadata = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            raise LibraryError(f"{self.path}: model_metadata is not valid JSON ({exc})") from exc
+        self.embedding_dim = int(attrs["embedding_dim"])
+        n = f["embeddings"].shape[0]
+        if f["embeddings"].ndim != 2 or f["embeddings"].shape[1] != self.embedding_dim:
+            raise LibraryError(f"{self.path}: embeddings do not have shape (N, {self.embedding_dim})")
+        bad = [c for c in COLUMNS if f[c].shape != (n,)]
+        if bad:
+            raise LibraryError(f"{self.path}: columns {', '.join(bad)} do not have {n} rows")
+
+    # -- context manager / transaction -----------------------------------------------------
+
+    def __enter__(self) -> "EmbeddingLibrary":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abandon()
+
+    def __len__(self) -> int:
+        return int(self._h5["embeddings"].shape[0]) if self._h5 is not None else 0
+
+    def __repr__(self) -> str:
+        return f"EmbeddingLibrary({str(self.path)!r}, mode={self.mode!r}, entries={len(self)})"
+
+    @property
+    def closed(self) -> bool:
+        return self._h5 is None
+
+    def _check_open(self) -> None:
+        if self._h5 is None:
+            raise LibraryError(f"{self.path}: the library is closed")
+
+    def _writable(self):
+        """Handle on the working copy, making it on first use."""
+        self._check_open()
+        if self.mode != "a":
+            raise LibraryError(f"{self.path}: opened read-only; open with mode='a' to change it")
+        if self._work is None:
+            work = self._new_work_path()
+            self._h5.close()
+            self._h5 = None
+            try:
+                shutil.copyfile(self.path, work)
+                self._h5 = _h5py().File(work, "r+", locking=False)
+            except BaseException:
+                work.unlink(missing_ok=True)
+                self._open_published()
+                raise
+            self._work = work
+        return self._h5
+
+    def _publish(self, work: Path) -> None:
+        _fsync_path(work)
+        os.replace(work, self.path)
+        _fsync_path(self.path.parent, directory=True)
+
+    def commit(self) -> None:
+        """Publish the changes made so far (atomically); the session stays open."""
+        if self._work is None:
+            return
+        self._h5.flush()
+        self._h5.close()
+        self._h5 = None
+        work, self._work = self._work, None
+        try:
+            self._publish(work)
+        except BaseException:
+            work.unlink(missing_ok=True)
+            raise
+        finally:
+            self._open_published()
+
+    def rollback(self) -> None:
+        """Forget the changes made since the last commit."""
+        if self._work is None:
+            return
+        self._h5.close()
+        self._h5 = None
+        self._work.unlink(missing_ok=True)
+        self._work = None
+        self._invalidate()
+        self._open_published()
+
+    def close(self) -> None:
+        """Commit pending changes, release the writer lock and close the file."""
+        try:
+            if self._h5 is not None and self._work is not None:
+                self.commit()
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Close without committing: pending changes are dropped, the lock released."""
+        if self._h5 is not None:
+            try:
+                self._h5.close()
+            except Exception:
+                pass
+            self._h5 = None
+        if self._work is not None:
+            self._work.unlink(missing_ok=True)
+            self._work = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._embeddings = None
+        self._norms = None
+        self._hash_index = None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """All embeddings, (N, D) float32, read once and kept (read-only array)."""
+        self._check_open()
+        if self._embeddings is None:
+            arr = np.empty(self._h5["embeddings"].shape, dtype=np.float32)
+            if len(arr):
+                self._h5["embeddings"].read_direct(arr)
+            arr.setflags(write=False)
+            self._embeddings = arr
+        return self._embeddings
+
+    @property
+    def squared_norms(self) -> np.ndarray:
+        """Squared L2 norms of the embeddings (float32), cached for searches."""
+        if self._norms is None:
+            emb = self.embeddings
+            self._norms = np.einsum("ij,ij->i", emb, emb) if len(emb) else np.zeros(0, np.float32)
+        return self._norms
+
+    def column(self, name: str, rows=None) -> np.ndarray:
+        """One column: strings as an object array of ``str``, ``added`` as float64.
+
+        ``rows`` (indices) reads only those rows, in the order given; only the HDF5 chunks
+        holding them are touched.
+        """
+        self._check_open()
+        if name not in COLUMNS:
+            raise KeyError(f"unknown column {name!r}; columns are {', '.join(COLUMNS)}")
+        dset = self._h5[name]
+        if rows is None:
+            values = dset[()] if len(dset) else np.empty(0, dtype=dset.dtype)
+        else:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if len(rows) and (rows.min() < 0 or rows.max() >= len(dset)):
+                raise IndexError(f"row index out of range for {len(dset)} entries")
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            values = self._read_rows(dset, uniq)[inverse] if len(uniq) else \
+                np.empty(0, dtype=dset.dtype)
+        if name == "added":
+            return np.asarray(values, dtype=np.float64)
+        return _to_str(values)
+
+    @staticmethod
+    def _read_rows(dset, sorted_rows: np.ndarray) -> np.ndarray:
+        # h5py point selections get slow with many points; read runs of nearby rows as
+        # slices instead (a slice of up to a few hundred rows costs about one point).
+        out = []
+        start = 0
+        n = len(sorted_rows)
+        while start < n:
+            end = start + 1
+            while end < n and sorted_rows[end] - sorted_rows[end - 1] <= 64:
+                end += 1
+            lo, hi = int(sorted_rows[start]), int(sorted_rows[end - 1]) + 1
+            block = dset[lo:hi]
+            out.append(block[sorted_rows[start:end] - lo])
+            start = end
+        return np.concatenate(out)
+
+    def rows(self, indices, columns: Sequence[str] = COLUMNS) -> List[dict]:
+        """Entries at ``indices`` as dicts (reading only those rows)."""
+        data = {c: self.column(c, indices) for c in columns}
+        return [{c: data[c][i] for c in columns} for i in range(len(np.atleast_1d(indices)))]
+
+    def info(self) -> dict:
+        """Summary: path, entries, subjects, datasets with counts, model, sizes."""
+        self._check_open()
+        n = len(self)
+        datasets: dict = {}
+        subjects = 0
+        if n:
+            ds = self.column("dataset")
+            sid = self.column("subject_id")
+            names, counts = np.unique(ds.astype(str), return_counts=True)
+            datasets = {str(a): int(b) for a, b in zip(names, counts)}
+            subjects = len(set(zip(ds.tolist(), sid.tolist())))
+        added = self.column("added") if n else np.zeros(0)
+        return {
+            "path": str(self.path),
+            "entries": n,
+            "subjects": subjects,
+            "datasets": datasets,
+            "model_id": self.model_id,
+            "embedding_dim": self.embedding_dim,
+            "format_version": self.format_version,
+            "file_size_bytes": self.path.stat().st_size if self.path.exists() else 0,
+            "first_added": float(added.min()) if n else None,
+            "last_added": float(added.max()) if n else None,
+        }
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _lookup_hashes(self, hashes: List[bytes]) -> np.ndarray:
+        """Row of each hash already stored, or -1 (sorted index built once per session)."""
+        if self._hash_index is None:
+            stored = self._h5["content_hash"][()] if len(self) else np.empty(0, dtype="S1")
+            order = np.argsort(stored, kind="stable")
+            self._hash_index = (stored[order], order)
+        sorted_hashes, order = self._hash_index
+        out = np.full(len(hashes), -1, dtype=np.int64)
+        if len(sorted_hashes) == 0 or len(hashes) == 0:
+            return out
+        width = sorted_hashes.dtype.itemsize
+        fits = np.array([0 < len(h) <= width for h in hashes], dtype=bool)
+        keys = np.array([h if ok else b"" for h, ok in zip(hashes, fits)], dtype=f"S{width}")
+        pos = np.searchsorted(sorted_hashes, keys)
+        pos_c = np.minimum(pos, len(sorted_hashes) - 1)
+        hit = fits & (pos < len(sorted_hashes)) & (sorted_hashes[pos_c] == keys)
+        out[hit] = order[pos_c[hit]]
+        return out
+
+    def add(self, records: Sequence, content_hashes: Optional[Sequence[str]], embeddings,
+            skip_duplicates: bool = True) -> AddResult:
+        """Append entries; exact duplicates (same content hash as a stored entry or an earlier
+        one in this call) are skipped and reported unless ``skip_duplicates=False``.
+
+        The rows are published by ``commit()`` / ``close()``; a crash before that leaves the
+        library as it was.
+        """
+        self._check_open()
+        records = list(records)
+        emb = np.asarray(embeddings, dtype=np.float32)
+        if emb.ndim == 1 and len(records) == 1:
+            emb = emb[None, :]
+        if emb.ndim != 2 or emb.shape[0] != len(records):
+            raise LibraryError(f"{self.path}: {len(records)} records but embeddings of shape "
+                               f"{emb.shape}")
+        if emb.shape[1] != self.embedding_dim:
+            raise ModelMismatchError(
+                f"{self.path}: embeddings have {emb.shape[1]} dimensions, the library's model "
+                f"({self.model_id}) makes {self.embedding_dim}")
+        if not np.isfinite(emb).all():
+            raise LibraryError(f"{self.path}: refusing to store non-finite embeddings")
+        if content_hashes is None:
+            content_hashes = [""] * len(records)
+        hashes = [str(h or "") for h in content_hashes]
+        if len(hashes) != len(records):
+            raise LibraryError(f"{self.path}: {len(records)} records but {len(hashes)} hashes")
+        enc = [h.encode("utf-8") for h in hashes]
+
+        result = AddResult()
+        keep = np.ones(len(records), dtype=bool)
+        if skip_duplicates and records:
+            existing = self._lookup_hashes(enc)
+            dup_rows = np.flatnonzero(existing >= 0)
+            owners = {}
+            if len(dup_rows):
+                ids = self.rows(existing[dup_rows], ("subject_id", "image_id"))
+                owners = {int(i): (r["subject_id"], r["image_id"]) for i, r in zip(dup_rows, ids)}
+            first_in_batch: dict = {}
+            for i, (rec, h) in enumerate(zip(records, hashes)):
+                if not h:
+                    continue
+                if i in owners:
+                    keep[i] = False
+                    result.duplicates.append(Duplicate(rec, h, *owners[i]))
+                elif h in first_in_batch:
+                    keep[i] = False
+                    first = records[first_in_batch[h]]
+                    result.duplicates.append(Duplicate(rec, h, str(first.subject_id),
+                                                       str(first.image_id)))
+                else:
+                    first_in_batch[h] = i
+        idx = np.flatnonzero(keep)
+        if len(idx) == 0:
+            return result
+
+        f = self._writable()
+        n0, m = len(self), len(idx)
+        width = max(len(enc[i]) for i in idx)
+        if width > f["content_hash"].dtype.itemsize:
+            self._widen_hashes(f, width)
+        for name in ("embeddings",) + COLUMNS:
+            f[name].resize(n0 + m, axis=0)
+        f["embeddings"][n0:] = emb[idx]
+        for name in STRING_COLUMNS:
+            f[name][n0:] = np.array([str(getattr(records[i], name, "") or "") for i in idx],
+                                    dtype=object)
+        f["content_hash"][n0:] = np.array([enc[i] for i in idx]).astype(
+            f["content_hash"].dtype)
+        f["added"][n0:] = np.full(m, time.time())
+        self._invalidate()
+        result.added = m
+        return result
+
+    @staticmethod
+    def _widen_hashes(f, width: int) -> None:
+        old = f["content_hash"][()]
+        del f["content_hash"]
+        f.create_dataset("content_hash", data=old.astype(_fixed_str(width)), maxshape=(None,),
+                         chunks=(CHUNK_ROWS,))
+
+    def remove(self, subject_ids: Iterable[str] = (), image_ids: Iterable[str] = ()) -> int:
+        """Remove every entry whose subject ID or image ID is listed; returns how many.
+
+        The kept rows are written to a fresh, compact file that replaces the library at commit.
+        """
+        self._check_open()
+        subjects, images = set(map(str, subject_ids)), set(map(str, image_ids))
+        n = len(self)
+        if n == 0 or not (subjects or images):
+            return 0
+        drop = np.zeros(n, dtype=bool)
+        if subjects:
+            drop |= np.isin(self.column("subject_id"), list(subjects))
+        if images:
+            drop |= np.isin(self.column("image_id"), list(images))
+        removed = int(drop.sum())
+        if removed == 0:
+            return 0
+        self._rewrite(np.flatnonzero(~drop))
+        return removed
+
+    def _rewrite(self, keep_rows: np.ndarray) -> None:
+        """Replace the working state by a compact file holding only ``keep_rows``."""
+        if self.mode != "a":
+            raise LibraryError(f"{self.path}: opened read-only; open with mode='a' to change it")
+        h5py = _h5py()
+        src = self._h5
+        new = self._new_work_path()
+        try:
+            with h5py.File(new, "w", locking=False) as dst:
+                for key, value in src.attrs.items():
+                    dst.attrs[key] = value
+                m = len(keep_rows)
+                for name in ("embeddings",) + COLUMNS:
+                    d = src[name]
+                    out = dst.create_dataset(name, shape=(m,) + d.shape[1:],
+                                             maxshape=(None,) + d.shape[1:], dtype=d.dtype,
+                                             chunks=(CHUNK_ROWS,) + d.shape[1:])
+                    # Copy in slabs so memory stays bounded for large libraries.
+                    step = 1 << 18
+                    for lo in range(0, m, step):
+                        part = keep_rows[lo:lo + step]
+                        if len(part):
+                            out[lo:lo + len(part)] = self._read_rows(d, part)
+        except BaseException:
+            new.unlink(missing_ok=True)
+            raise
+        src.close()
+        self._h5 = None
+        if self._work is not None:
+            self._work.unlink(missing_ok=True)
+        self._work = new
+        self._h5 = h5py.File(new, "r+", locking=False)
+        self._invalidate()

@@ -1,0 +1,238 @@
+"""Exact nearest-neighbour search and ranked lookup over an embedding library.
+
+Distances are Euclidean. The gallery is scanned in blocks, using
+``||q||^2 - 2 q.g + ||g||^2`` with one float32 matrix product per block and ``argpartition``,
+so memory stays at (queries x block) whatever the library size. The few best candidates are
+then re-measured in float64, which makes distances of exact copies 0 and orders ties by
+gallery index (stable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .errors import ModelMismatchError
+
+# Float32 distance products lose a few digits; keep this many extra candidates per query so
+# that the float64 re-ranking can fix the order near the k-th place.
+_EXTRA = 8
+# Largest (queries x gallery rows) block of float32 distances held at once (64 MiB).
+_BLOCK_ELEMENTS = 1 << 24
+_QUERY_CHUNK = 1024
+
+
+def _block_rows(n_queries: int, block_size: Optional[int]) -> int:
+    if block_size:
+        return max(1, int(block_size))
+    return int(min(1 << 18, max(4096, _BLOCK_ELEMENTS // max(1, n_queries))))
+
+
+def knn(gallery: np.ndarray, queries: np.ndarray, k: int, block_size: Optional[int] = None,
+        gallery_sq_norms: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest gallery rows of each query.
+
+    Returns ``(distances, indices)``, both of shape ``(Q, min(k, N))``, sorted by distance
+    (float64), equal distances by gallery index. ``block_size`` is the number of gallery rows
+    compared at once (default: chosen so a block of distances stays under 64 MiB).
+    """
+    gallery = np.asarray(gallery, dtype=np.float32)
+    queries = np.asarray(queries, dtype=np.float32)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if gallery.ndim != 2 or queries.ndim != 2 or gallery.shape[1] != queries.shape[1]:
+        raise ValueError(f"gallery {gallery.shape} and queries {queries.shape} do not match")
+    n, q = gallery.shape[0], queries.shape[0]
+    k = int(min(max(int(k), 0), n))
+    if k == 0 or q == 0:
+        return np.zeros((q, k)), np.zeros((q, k), dtype=np.int64)
+    if gallery_sq_norms is None:
+        gallery_sq_norms = np.einsum("ij,ij->i", gallery, gallery)
+    out_d = np.empty((q, k))
+    out_i = np.empty((q, k), dtype=np.int64)
+    for lo in range(0, q, _QUERY_CHUNK):
+        d, i = _knn_chunk(gallery, gallery_sq_norms, queries[lo:lo + _QUERY_CHUNK], k, block_size)
+        out_d[lo:lo + len(d)] = d
+        out_i[lo:lo + len(i)] = i
+    return out_d, out_i
+
+
+def _knn_chunk(gallery, g_norms, queries, k, block_size):
+    n = gallery.shape[0]
+    q = queries.shape[0]
+    keep = min(n, k + _EXTRA)  # candidates carried between blocks
+    q_norms = np.einsum("ij,ij->i", queries, queries)
+    best_d = np.full((q, 0), np.inf, dtype=np.float32)
+    best_i = np.zeros((q, 0), dtype=np.int64)
+    rows = _block_rows(q, block_size)
+    for start in range(0, n, rows):
+        block = gallery[start:start + rows]
+        d2 = queries @ block.T
+        d2 *= -2.0
+        d2 += q_norms[:, None]
+        d2 += g_norms[start:start + rows][None, :]
+        take = min(keep, d2.shape[1])
+        if take < d2.shape[1]:
+            part = np.argpartition(d2, take - 1, axis=1)[:, :take]
+        else:
+            part = np.broadcast_to(np.arange(d2.shape[1]), (q, d2.shape[1]))
+        cand_d = np.take_along_axis(d2, part, axis=1)
+        cand_i = part + start
+        # Merge with the best so far and keep the `keep` smallest.
+        all_d = np.concatenate([best_d, cand_d], axis=1)
+        all_i = np.concatenate([best_i, cand_i], axis=1)
+        if all_d.shape[1] > keep:
+            sel = np.argpartition(all_d, keep - 1, axis=1)[:, :keep]
+            all_d = np.take_along_axis(all_d, sel, axis=1)
+            all_i = np.take_along_axis(all_i, sel, axis=1)
+        best_d, best_i = all_d, all_i
+    # Re-measure the candidates exactly and sort by (distance, index).
+    exact = np.empty(best_i.shape)
+    per = max(1, (1 << 22) // max(1, best_i.shape[1] * gallery.shape[1]))  # bound memory
+    for lo in range(0, q, per):
+        diff = gallery[best_i[lo:lo + per]].astype(np.float64)
+        diff -= queries[lo:lo + per, None, :]
+        exact[lo:lo + per] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
+    order = np.lexsort((best_i, exact), axis=1)[:, :k]
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+
+
+@dataclass
+class ImageMatch:
+    """One library image close to a query."""
+
+    rank: int
+    subject_id: str
+    image_id: str
+    dataset: str
+    distance: float
+    probability: Optional[float] = None
+    source: str = ""
+    row: int = -1  # row in the library
+
+    def to_dict(self) -> dict:
+        d = {"rank": self.rank, "subject_id": self.subject_id, "image_id": self.image_id,
+             "dataset": self.dataset, "distance": round(float(self.distance), 6)}
+        if self.probability is not None:
+            d["probability"] = float(f"{self.probability:.6g}")
+        return d
+
+
+@dataclass
+class SubjectMatch:
+    """One candidate subject: its distance is that of its closest image (``image_id``)."""
+
+    rank: int
+    subject_id: str
+    dataset: str
+    distance: float
+    probability: Optional[float] = None
+    image_id: str = ""
+
+    def to_dict(self) -> dict:
+        d = {"rank": self.rank, "subject_id": self.subject_id, "dataset": self.dataset,
+             "distance": round(float(self.distance), 6)}
+        if self.probability is not None:
+            d["probability"] = float(f"{self.probability:.6g}")
+        d["image_id"] = self.image_id
+        return d
+
+
+@dataclass
+class QueryResult:
+    """Ranked images and subjects for one query."""
+
+    images: List[ImageMatch] = field(default_factory=list)
+    subjects: List[SubjectMatch] = field(default_factory=list)
+    query: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        d = {} if self.query is None else {"query": self.query}
+        d["images"] = [m.to_dict() for m in self.images]
+        d["subjects"] = [m.to_dict() for m in self.subjects]
+        return d
+
+
+def _probabilities(calibration, distances) -> List[Optional[float]]:
+    if calibration is None or len(distances) == 0:
+        return [None] * len(distances)
+    p = np.asarray(calibration.probability(np.asarray(distances, dtype=np.float64)), dtype=float)
+    return [float(x) for x in np.reshape(p, -1)]
+
+
+def rank(library, query_embeddings, k: int = 10, calibration=None,
+         block_size: Optional[int] = None) -> List[QueryResult]:
+    """Top-``k`` images and top-``k`` subjects for each query embedding (row).
+
+    A subject is a ``(dataset, subject_id)`` pair; its distance is that of its closest image.
+    The subject ranking is exact: the image search is widened until each query's neighbour
+    list holds ``k`` distinct subjects (or the whole library), and the first ``k`` distinct
+    subjects of a distance-sorted image list are the ``k`` closest subjects.
+    With a ``calibration`` (anything with ``probability(distances)``), each match gets a
+    same-subject probability.
+    """
+    queries = np.asarray(query_embeddings, dtype=np.float32)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    dim = library.embedding_dim
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise ModelMismatchError(
+            f"query embeddings have shape {queries.shape}, but the library {library.path} holds "
+            f"{dim}-dimensional embeddings of model {library.model_id}")
+    n = len(library)
+    k = max(int(k), 0)
+    results = [QueryResult() for _ in range(len(queries))]
+    if n == 0 or k == 0 or len(queries) == 0:
+        return results
+    gallery = library.embeddings
+    norms = library.squared_norms
+
+    labels: dict = {}  # row -> (subject_id, dataset, image_id, source)
+
+    def fetch(rows: np.ndarray) -> None:
+        need = np.unique(rows[~np.isin(rows, np.fromiter(labels, dtype=np.int64))]) \
+            if labels else np.unique(rows)
+        if len(need):
+            cols = [library.column(c, need) for c in ("subject_id", "dataset", "image_id", "source")]
+            for j, row in enumerate(need.tolist()):
+                labels[row] = (cols[0][j], cols[1][j], cols[2][j], cols[3][j])
+
+    # Start with a few times k images; widen for queries still short of k subjects.
+    width = min(n, max(4 * k, k + 16))
+    pending = np.arange(len(queries))
+    found: dict = {}
+    while len(pending):
+        dist, idx = knn(gallery, queries[pending], width, block_size=block_size,
+                        gallery_sq_norms=norms)
+        fetch(idx.reshape(-1))
+        retry = []
+        for row_q, qi in enumerate(pending.tolist()):
+            subjects = []
+            seen = set()
+            for d, r in zip(dist[row_q].tolist(), idx[row_q].tolist()):
+                sid, ds, iid, _ = labels[r]
+                if (ds, sid) not in seen:
+                    seen.add((ds, sid))
+                    subjects.append((sid, ds, d, iid))
+                    if len(subjects) == k:
+                        break
+            if len(subjects) < k and width < n:
+                retry.append(qi)
+            else:
+                found[qi] = (dist[row_q], idx[row_q], subjects)
+        pending = np.array(retry, dtype=np.int64)
+        width = min(n, width * 4)
+
+    for qi, result in enumerate(results):
+        dist, idx, subjects = found[qi]
+        top_d, top_i = dist[:k], idx[:k]
+        p_img = _probabilities(calibration, top_d)
+        for r, (d, row, p) in enumerate(zip(top_d.tolist(), top_i.tolist(), p_img), start=1):
+            sid, ds, iid, src = labels[row]
+            result.images.append(ImageMatch(r, sid, iid, ds, d, p, src, row))
+        p_sub = _probabilities(calibration, [s[2] for s in subjects])
+        for r, ((sid, ds, d, iid), p) in enumerate(zip(subjects, p_sub), start=1):
+            result.subjects.append(SubjectMatch(r, sid, ds, d, p, iid))
+    return results
