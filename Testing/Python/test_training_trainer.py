@@ -1,0 +1,142 @@
+"""Trainer: a tiny run learns, same seed -> same weights, resume reproduces the uninterrupted
+run, checkpoints carry what they were trained on; the two-process DDP step."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("subject_fingerprint.checkpoint", reason="model engine not installed")
+
+from fingerprint_training.data import synthetic_dataset  # noqa: E402
+from fingerprint_training.losses import triplet_margin_loss  # noqa: E402
+from fingerprint_training.mining import mine_all, pair_masks, pairwise_distances  # noqa: E402
+from fingerprint_training.trainer import TrainConfig, Trainer, fallback_nway_kshot  # noqa: E402
+
+TINY = dict(depth=18, size=(32, 32), batch_subjects=4, images_per_subject=3, warmup=2,
+            val_n_way=6, val_episodes=10, progress=False, margin=1.0, calibrate=False, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _data():
+    return (synthetic_dataset(10, 3, (32, 32), seed=0),
+            synthetic_dataset(6, 3, (32, 32), seed=1))
+
+
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.network.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_tiny_training_lowers_loss_and_improves_retrieval_of_new_subjects():
+    # Identity is a texture; every image adds noise and a smooth intensity field of similar
+    # strength, which an untrained network mistakes for identity.
+    train = synthetic_dataset(48, 4, (32, 32), seed=0, noise=0.6, nuisance=1.0)
+    held_out = synthetic_dataset(10, 4, (32, 32), seed=1, noise=0.6, nuisance=1.0)
+    cfg = TrainConfig(out="unused", steps=60, val_every=0, write_outputs=False, augment=False,
+                      **{**TINY, "batch_subjects": 8, "warmup": 3})
+    trainer = Trainer(cfg, train, held_out)
+    labels = torch.from_numpy(train.labels)
+    pos, neg = pair_masks(labels, labels)
+
+    def train_loss():  # the triplet loss (margin 1) averaged over every triplet of the train set
+        d = pairwise_distances(torch.from_numpy(trainer.embed(train.images)))
+        return float(triplet_margin_loss(d, mine_all(d, pos, neg), margin=1.0)[0])
+
+    def recall(ds):
+        return fallback_nway_kshot(trainer.embed(ds.images), ds.labels, 10, 1, episodes=100)["mean_recall_at_k"]
+
+    loss0, recall0 = train_loss(), recall(held_out)
+    result = trainer.run()
+    assert result.steps_done == 60
+    assert train_loss() < 0.5 * loss0
+    assert recall(held_out) > recall0 + 0.04
+
+
+def test_same_seed_same_weights_and_checkpoint_metadata(tmp_path):
+    from subject_fingerprint.checkpoint import load_checkpoint
+    train, val = _data()
+    runs = []
+    for name in ("a", "b"):
+        cfg = TrainConfig(out=str(tmp_path / name), steps=3, val_every=2, xbm=16, **TINY)
+        t = Trainer(cfg, train, val, data_info={"source": "synthetic"})
+        r = t.run()
+        runs.append(t)
+    assert _same(_weights(runs[0]), _weights(runs[1]))
+    out = tmp_path / "a"
+    for name in ("best.pt", "last.pt", "log.csv", "training.png"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(int(r["used_triplets"]) <= int(r["candidates"]) for r in rows)
+    assert rows[1]["val_mean_recall"] != "" and rows[0]["val_mean_recall"] == ""
+    model = load_checkpoint(out / "best.pt")
+    training = model.metadata["training"]
+    assert training["source"] == "synthetic" and training["best_step"] == r.best_step
+    assert training["hyperparameters"]["miner"] == "algorithm1"
+    assert training["hyperparameters"]["xbm"] == 16
+    assert model.metadata["metrics"]["validation"]["n_way"] == 6
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
+    train, val = _data()
+    kw = dict(steps=6, val_every=3, xbm=16, **TINY)
+    full = Trainer(TrainConfig(out=str(tmp_path / "full"), **kw), train, val)
+    full.run()
+    cut = Trainer(TrainConfig(out=str(tmp_path / "cut"), stop_at=4, **kw), train, val)
+    r = cut.run()
+    assert r.interrupted and r.steps_done == 4
+    assert not _same(_weights(full), _weights(cut))
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "cut"), resume=True, **kw), train, val)
+    r = resumed.run()
+    assert r.steps_done == 6 and not r.interrupted
+    assert _same(_weights(full), _weights(resumed))
+    assert torch.equal(full.objective.memory.get()[0], resumed.objective.memory.get()[0])
+
+    def losses(p):
+        return [(r["step"], r["loss"], r["used_triplets"]) for r in csv.DictReader(open(p / "log.csv"))]
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    train, val = _data()
+    Trainer(TrainConfig(out=str(tmp_path), steps=2, stop_at=1, val_every=0, **TINY), train, val).run()
+    other = Trainer(TrainConfig(out=str(tmp_path), steps=2, val_every=0, resume=True,
+                                **{**TINY, "images_per_subject": 2}), train, val)
+    with pytest.raises(ValueError, match="images_per_subject"):
+        other.run()
+
+
+def test_early_stop_on_plateau(tmp_path):
+    train, val = _data()
+    cfg = TrainConfig(out=str(tmp_path), steps=50, val_every=1, patience=2, lr=0.0, warmup=0,
+                      **{k: v for k, v in TINY.items() if k != "warmup"})
+    r = Trainer(cfg, train, val).run()  # lr 0: only BatchNorm statistics move
+    assert r.stopped_early and r.steps_done < 50
+    assert r.steps_done == r.best_step + 2  # two validations without improvement
+
+
+@pytest.mark.slow
+def test_two_process_ddp_step_keeps_ranks_identical(tmp_path):
+    from fingerprint_training.distributed import selftest
+    init = Trainer(TrainConfig(out="unused", steps=1, write_outputs=False, val_every=0,
+                               **{**TINY, "seed": 11, "batch_subjects": 2}),
+                   synthetic_dataset(8, 3, (32, 32), seed=3), None)
+    before = _weights(init)
+    ranks = selftest(str(tmp_path), world_size=2, steps=1)
+    assert set(ranks[0]["batch"]).isdisjoint(ranks[1]["batch"])  # different subjects per rank
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert _same(a, b)
+    assert not _same(a, before)  # the step changed the weights
