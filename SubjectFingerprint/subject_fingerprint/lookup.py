@@ -88,13 +88,14 @@ def index(
     progress: Union[bool, ProgressFn] = True,
     cancel: Optional[Callable[[], bool]] = None,
     transactional: bool = False,
+    commit_every: float = 30.0,
 ) -> IndexReport:
     """Embed every image found under ``sources`` and add it to the library file ``library``.
 
     Files that cannot be read are collected in ``report.failures`` and do not stop the run.
-    By default each batch is stored as soon as it is embedded, so a long run that dies keeps
-    what it finished. With ``transactional=True`` nothing is written until every image is
-    embedded: a cancelled or killed run leaves the library exactly as it was.
+    By default what is embedded is published every ``commit_every`` seconds, so a long run
+    that dies keeps most of what it finished. With ``transactional=True`` nothing is published
+    until every image is embedded: a cancelled or killed run leaves the library as it was.
     """
     from .embed import Embedder
     from .io import discover
@@ -107,36 +108,31 @@ def index(
     update, close = _progress_reporter(progress, len(found.records), "embedding")
     embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers)
 
-    pending = []  # batches held back in transactional mode
-
-    def store(batches):
-        with EmbeddingLibrary.open(library, mode="a", model=fmodel) as lib:
-            for batch in batches:
-                result = lib.add(batch.records, batch.content_hashes, batch.embeddings,
-                                 skip_duplicates=skip_duplicates)
-                report.added += result.added
-                report.duplicates += len(result.duplicates)
-
-    try:
-        # Open once up front so a model mismatch or a locked library fails before any work.
-        with EmbeddingLibrary.open(library, mode="a", model=fmodel):
-            pass
-        for batch in embedder.iter_batches(found.records):
-            if cancel is not None and cancel():
-                raise Cancelled("cancelled by the user")
-            report.failures.extend(batch.failures)
-            if len(batch.records):
-                if transactional:
-                    pending.append(batch)
-                else:
-                    store([batch])
-            update(len(batch.records) + len(batch.failures), f"{report.added} added")
-        if pending:
-            store(pending)
-    except Cancelled:
-        report.cancelled = True
-    finally:
-        close()
+    # The library is copy-on-write: each commit publishes a new file atomically. Committing
+    # every ``commit_every`` seconds bounds both the work lost to a crash and the copying.
+    with EmbeddingLibrary.open(library, mode="a", model=fmodel) as lib:
+        last_commit = time.monotonic()
+        try:
+            for batch in embedder.iter_batches(found.records):
+                if cancel is not None and cancel():
+                    raise Cancelled("cancelled by the user")
+                report.failures.extend(batch.failures)
+                if len(batch.records):
+                    result = lib.add(batch.records, batch.content_hashes, batch.embeddings,
+                                     skip_duplicates=skip_duplicates)
+                    report.added += result.added
+                    report.duplicates += len(result.duplicates)
+                if not transactional and time.monotonic() - last_commit > commit_every:
+                    lib.commit()
+                    last_commit = time.monotonic()
+                update(len(batch.records) + len(batch.failures), f"{report.added} added")
+        except Cancelled:
+            report.cancelled = True
+            if transactional:
+                lib.rollback()
+                report.added = report.duplicates = 0
+        finally:
+            close()
     report.seconds = time.perf_counter() - started
     logger.info("indexed %d images into %s in %.1f s (%d duplicates, %d failures)",
                 report.added, library, report.seconds, report.duplicates, len(report.failures))
