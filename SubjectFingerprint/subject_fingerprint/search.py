@@ -189,15 +189,18 @@ def rank(library, query_embeddings, k: int = 10, calibration=None,
     gallery = library.embeddings
     norms = library.squared_norms
 
-    labels: dict = {}  # row -> (subject_id, dataset, image_id, source)
-
-    def fetch(rows: np.ndarray) -> None:
-        need = np.unique(rows[~np.isin(rows, np.fromiter(labels, dtype=np.int64))]) \
-            if labels else np.unique(rows)
+    def fetch(cache: dict, rows, columns) -> None:
+        """Read ``columns`` of the rows not yet in ``cache`` (only those rows)."""
+        need = np.unique(np.asarray(rows, dtype=np.int64))
+        if cache:
+            need = need[~np.isin(need, np.fromiter(cache, dtype=np.int64, count=len(cache)))]
         if len(need):
-            cols = [library.column(c, need) for c in ("subject_id", "dataset", "image_id", "source")]
+            cols = [library.column(c, need) for c in columns]
             for j, row in enumerate(need.tolist()):
-                labels[row] = (cols[0][j], cols[1][j], cols[2][j], cols[3][j])
+                cache[row] = tuple(col[j] for col in cols)
+
+    owners: dict = {}  # row -> (subject_id, dataset): read for every neighbour considered
+    names: dict = {}   # row -> (image_id, source): read only for the rows reported
 
     # Start with a few times k images; widen for queries still short of k subjects.
     width = min(n, max(4 * k, k + 16))
@@ -206,16 +209,16 @@ def rank(library, query_embeddings, k: int = 10, calibration=None,
     while len(pending):
         dist, idx = knn(gallery, queries[pending], width, block_size=block_size,
                         gallery_sq_norms=norms)
-        fetch(idx.reshape(-1))
+        fetch(owners, idx.reshape(-1), ("subject_id", "dataset"))
         retry = []
         for row_q, qi in enumerate(pending.tolist()):
             subjects = []
             seen = set()
             for d, r in zip(dist[row_q].tolist(), idx[row_q].tolist()):
-                sid, ds, iid, _ = labels[r]
+                sid, ds = owners[r]
                 if (ds, sid) not in seen:
                     seen.add((ds, sid))
-                    subjects.append((sid, ds, d, iid))
+                    subjects.append((sid, ds, d, r))
                     if len(subjects) == k:
                         break
             if len(subjects) < k and width < n:
@@ -225,14 +228,18 @@ def rank(library, query_embeddings, k: int = 10, calibration=None,
         pending = np.array(retry, dtype=np.int64)
         width = min(n, width * 4)
 
+    wanted = [found[qi][1][:k] for qi in found] + [[s[3] for s in found[qi][2]] for qi in found]
+    fetch(names, np.concatenate([np.asarray(w, dtype=np.int64) for w in wanted]),
+          ("image_id", "source"))
     for qi, result in enumerate(results):
         dist, idx, subjects = found[qi]
         top_d, top_i = dist[:k], idx[:k]
         p_img = _probabilities(calibration, top_d)
         for r, (d, row, p) in enumerate(zip(top_d.tolist(), top_i.tolist(), p_img), start=1):
-            sid, ds, iid, src = labels[row]
+            sid, ds = owners[row]
+            iid, src = names[row]
             result.images.append(ImageMatch(r, sid, iid, ds, d, p, src, row))
         p_sub = _probabilities(calibration, [s[2] for s in subjects])
-        for r, ((sid, ds, d, iid), p) in enumerate(zip(subjects, p_sub), start=1):
-            result.subjects.append(SubjectMatch(r, sid, ds, d, p, iid))
+        for r, ((sid, ds, d, row), p) in enumerate(zip(subjects, p_sub), start=1):
+            result.subjects.append(SubjectMatch(r, sid, ds, d, p, names[row][0]))
     return results
