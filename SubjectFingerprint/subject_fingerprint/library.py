@@ -203,6 +203,7 @@ class EmbeddingLibrary:
         self._embeddings: Optional[np.ndarray] = None
         self._norms: Optional[np.ndarray] = None
         self._hash_index = None  # (sorted hashes, their rows)
+        self._subject_codes = None
         self.model_id = ""
         self.model_metadata: dict = {}
         self.embedding_dim = 0
@@ -435,6 +436,7 @@ class EmbeddingLibrary:
         self._embeddings = None
         self._norms = None
         self._hash_index = None
+        self._subject_codes = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -457,6 +459,18 @@ class EmbeddingLibrary:
             emb = self.embeddings
             self._norms = np.einsum("ij,ij->i", emb, emb) if len(emb) else np.zeros(0, np.float32)
         return self._norms
+
+    def subject_codes(self):
+        """``(codes, keys)``: for each entry an int index into ``keys``, the distinct
+        ``(dataset, subject_id)`` pairs. Reads two whole string columns; cached."""
+        if self._subject_codes is None:
+            ds, sid = self.column("dataset"), self.column("subject_id")
+            joined = np.array([f"{a}\x00{b}" for a, b in zip(ds, sid)], dtype=object)
+            uniq, codes = (np.unique(joined, return_inverse=True) if len(joined)
+                           else (np.empty(0, dtype=object), np.empty(0, dtype=np.int64)))
+            keys = [tuple(u.split("\x00", 1)) for u in uniq.tolist()]
+            self._subject_codes = (codes.astype(np.int64).reshape(-1), keys)
+        return self._subject_codes
 
     def column(self, name: str, rows=None) -> np.ndarray:
         """One column: strings as an object array of ``str``, ``added`` as float64.

@@ -22,6 +22,9 @@ _EXTRA = 8
 # Largest (queries x gallery rows) block of float32 distances held at once (64 MiB).
 _BLOCK_ELEMENTS = 1 << 24
 _QUERY_CHUNK = 1024
+# Beyond this many image neighbours per query, rank() finds subjects by a full per-subject
+# minimum instead of widening the image search further.
+_WIDEN_LIMIT = 4096
 
 
 def _block_rows(n_queries: int, block_size: Optional[int]) -> int:
@@ -89,14 +92,68 @@ def _knn_chunk(gallery, g_norms, queries, k, block_size):
             all_i = np.take_along_axis(all_i, sel, axis=1)
         best_d, best_i = all_d, all_i
     # Re-measure the candidates exactly and sort by (distance, index).
-    exact = np.empty(best_i.shape)
-    per = max(1, (1 << 22) // max(1, best_i.shape[1] * gallery.shape[1]))  # bound memory
-    for lo in range(0, q, per):
-        diff = gallery[best_i[lo:lo + per]].astype(np.float64)
-        diff -= queries[lo:lo + per, None, :]
-        exact[lo:lo + per] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
+    exact = _exact_distances(gallery, queries, best_i)
     order = np.lexsort((best_i, exact), axis=1)[:, :k]
     return np.take_along_axis(exact, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+
+
+def _exact_distances(gallery, queries, idx) -> np.ndarray:
+    """Float64 distances between each query and its candidate rows ``idx`` (Q, M), in tiles
+    of at most ~16 MiB whatever M is."""
+    q, m = idx.shape
+    out = np.empty((q, m))
+    tile = max(1, (1 << 21) // max(1, gallery.shape[1]))  # candidate rows per tile
+    if m <= tile:
+        per = max(1, tile // max(1, m))
+        for lo in range(0, q, per):
+            diff = gallery[idx[lo:lo + per]].astype(np.float64)
+            diff -= queries[lo:lo + per, None, :]
+            out[lo:lo + per] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
+        return out
+    for qi in range(q):
+        for lo in range(0, m, tile):
+            diff = gallery[idx[qi, lo:lo + tile]].astype(np.float64)
+            diff -= queries[qi]
+            out[qi, lo:lo + tile] = np.sqrt(np.einsum("kd,kd->k", diff, diff))
+    return out
+
+
+def _subjects_exhaustive(library, queries, k, block_size):
+    """Top-k subjects by a full per-subject minimum (for libraries where a few subjects own
+    very many images). Returns per query a list of (subject_id, dataset, distance, row)."""
+    codes, keys = library.subject_codes()
+    gallery, g_norms = library.embeddings, library.squared_norms
+    q, n_subjects = len(queries), len(keys)
+    q_norms = np.einsum("ij,ij->i", queries, queries)
+    best = np.full((q, n_subjects), np.inf, dtype=np.float32)
+    rows = _block_rows(q, block_size)
+    for start in range(0, len(gallery), rows):
+        d2 = queries @ gallery[start:start + rows].T
+        d2 *= -2.0
+        d2 += q_norms[:, None]
+        d2 += g_norms[start:start + rows][None, :]
+        block_codes = codes[start:start + rows]
+        for qi in range(q):
+            np.minimum.at(best[qi], block_codes, d2[qi])
+    keep = min(n_subjects, k + _EXTRA)
+    out = []
+    for qi in range(q):
+        cand = np.argpartition(best[qi], keep - 1)[:keep] if keep < n_subjects else \
+            np.arange(n_subjects)
+        member = np.flatnonzero(np.isin(codes, cand))  # every image of the candidates
+        dist = _exact_distances(gallery, queries[qi:qi + 1], member[None, :])[0]
+        order = np.lexsort((member, dist))
+        seen, ranked = set(), []
+        for j in order.tolist():
+            code = int(codes[member[j]])
+            if code not in seen:
+                seen.add(code)
+                ds, sid = keys[code]
+                ranked.append((sid, ds, float(dist[j]), int(member[j])))
+                if len(ranked) == k:
+                    break
+        out.append(ranked)
+    return out
 
 
 @dataclass
@@ -207,6 +264,14 @@ def rank(library, query_embeddings, k: int = 10, calibration=None,
     pending = np.arange(len(queries))
     found: dict = {}
     while len(pending):
+        if width > _WIDEN_LIMIT and width < n:
+            dist, idx = knn(gallery, queries[pending], k, block_size=block_size,
+                            gallery_sq_norms=norms)
+            fetch(owners, idx.reshape(-1), ("subject_id", "dataset"))
+            subjects = _subjects_exhaustive(library, queries[pending], k, block_size)
+            for row_q, qi in enumerate(pending.tolist()):
+                found[qi] = (dist[row_q], idx[row_q], subjects[row_q])
+            break
         dist, idx = knn(gallery, queries[pending], width, block_size=block_size,
                         gallery_sq_norms=norms)
         fetch(owners, idx.reshape(-1), ("subject_id", "dataset"))

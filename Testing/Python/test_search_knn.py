@@ -152,3 +152,39 @@ def test_rank_refuses_wrong_dimension(tmp_path):
     with EmbeddingLibrary.open(path) as lib:
         with pytest.raises(ModelMismatchError):
             rank(lib, np.zeros((1, 5), np.float32))
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_rank_exhaustive_subject_path_matches_brute_force(tmp_path, monkeypatch, k):
+    """Few subjects with many images each: rank() switches to a per-subject minimum."""
+    import subject_fingerprint.search as search
+
+    monkeypatch.setattr(search, "_WIDEN_LIMIT", 50)
+    path = tmp_path / "lib.h5"
+    records, embeddings = build_library(path, 6, 120, seed=3, datasets=("a", "b"))
+    rng = np.random.default_rng(11)
+    queries = rng.standard_normal((3, embeddings.shape[1])).astype(np.float32) * 3
+    queries[0] = embeddings[5]
+    with EmbeddingLibrary.open(path) as lib:
+        results = search.rank(lib, queries, k=k, block_size=64)
+    ref_d, ref_i = brute_force(embeddings, queries, k)
+    for qi, result in enumerate(results):
+        assert [m.image_id for m in result.images] == [records[i].image_id for i in ref_i[qi]]
+        expected = reference_subjects(records, embeddings, queries[qi], k)
+        got = [(m.subject_id, m.dataset, m.distance, m.image_id) for m in result.subjects]
+        assert [g[:2] for g in got] == [e[:2] for e in expected]
+        assert [g[3] for g in got] == [e[3] for e in expected]
+        np.testing.assert_allclose([g[2] for g in got], [e[2] for e in expected], rtol=1e-9)
+    assert results[0].subjects[0].distance == 0
+
+
+def test_knn_large_k_bounded_tiles():
+    rng = np.random.default_rng(5)
+    gallery = rng.standard_normal((20000, 4)).astype(np.float32)
+    queries = rng.standard_normal((2, 4)).astype(np.float32)
+    dist, idx = knn(gallery, queries, 20000, block_size=3000)
+    ref_d, ref_i = brute_force(gallery, queries, 20000)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-9)
+    # Near-equal distances may swap under float32 pre-selection only if exactly tied.
+    assert (np.sort(idx, axis=1) == np.arange(20000)).all()
+    np.testing.assert_array_equal(idx[:, :100], ref_i[:, :100])
