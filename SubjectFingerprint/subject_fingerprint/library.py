@@ -120,6 +120,12 @@ def _copy_file(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
+def _iso(unix_time: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(float(unix_time), tz=timezone.utc).isoformat(timespec="seconds")
+
+
 def _fsync_path(path, directory=False) -> None:
     flags = os.O_RDONLY
     if directory:
@@ -234,7 +240,13 @@ class EmbeddingLibrary:
         lib = cls(Path(path), mode)
         try:
             if mode == "a":
-                lib._lock = _WriterLock(lib.path, lock_timeout)
+                try:
+                    lib.path.parent.mkdir(parents=True, exist_ok=True)
+                    lib._lock = _WriterLock(lib.path, lock_timeout)
+                except LibraryLockedError:
+                    raise
+                except OSError as exc:
+                    raise LibraryError(f"{lib.path}: cannot write here ({exc})") from exc
                 lib._remove_stale_copies()
                 if not lib.path.exists():
                     if not model_id or not embedding_dim:
@@ -539,8 +551,8 @@ class EmbeddingLibrary:
             "embedding_dim": self.embedding_dim,
             "format_version": self.format_version,
             "file_size_bytes": self.path.stat().st_size if self.path.exists() else 0,
-            "first_added": float(added.min()) if n else None,
-            "last_added": float(added.max()) if n else None,
+            "first_added": _iso(added.min()) if n else None,
+            "last_added": _iso(added.max()) if n else None,
         }
 
     # -- writing ---------------------------------------------------------------------------

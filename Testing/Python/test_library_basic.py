@@ -161,6 +161,14 @@ def test_model_mismatch(tmp_path):
             lib.add(*make_batch(0, 2)[:2], np.zeros((2, DIM + 1)))
 
 
+def test_creates_missing_parent_folder(tmp_path):
+    path = tmp_path / "new" / "folder" / "lib.h5"
+    with EmbeddingLibrary.open(path, "a", model=fake_model()) as lib:
+        lib.add(*make_batch(0, 2))
+    with EmbeddingLibrary.open(path) as lib:
+        assert len(lib) == 2
+
+
 def test_create_needs_a_model(tmp_path):
     with pytest.raises(LibraryError):
         EmbeddingLibrary.open(tmp_path / "new.h5", "a")
@@ -216,6 +224,7 @@ def test_info(tmp_path):
     assert info["datasets"] == {"a": 10, "b": 4}
     assert info["model_id"] == "model-a" and info["embedding_dim"] == DIM
     assert info["format_version"] == 1 and info["file_size_bytes"] == path.stat().st_size
+    assert info["first_added"].endswith("+00:00") and info["first_added"] <= info["last_added"]
     json.dumps(info)
 
 

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import h5py
 import numpy as np
 import pytest
 
@@ -95,6 +96,8 @@ def test_sigkill_mid_write_keeps_committed_entries(tmp_path):
                 np.testing.assert_array_equal(emb[b * BATCH:(b + 1) * BATCH], expected_batch(b))
                 assert ids[b * BATCH] == f"{b}-0" and ids[(b + 1) * BATCH - 1] == f"{b}-{BATCH - 1}"
             committed = n // BATCH - 1
+        with h5py.File(path, "r") as f:  # and plain h5py agrees
+            assert f["embeddings"].shape == (n, DIM) and len(f["image_id"]) == n
     assert committed >= 2, "the writer never got to commit; the test proved nothing"
     # The next writer removes the abandoned working copy.
     with EmbeddingLibrary.open(path, "a"):
