@@ -120,6 +120,17 @@ def _copy_file(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
+def _safe_text(value) -> str:
+    """``value`` as a string that encodes to UTF-8 (file names that are not valid UTF-8
+    arrive with surrogate escapes; they are stored with backslash escapes instead)."""
+    text = "" if value is None else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _iso(unix_time: float) -> str:
     from datetime import datetime, timezone
 
@@ -209,6 +220,7 @@ class EmbeddingLibrary:
         self._embeddings: Optional[np.ndarray] = None
         self._norms: Optional[np.ndarray] = None
         self._hash_index = None  # (sorted hashes, their rows)
+        self._recent_hashes: dict = {}  # hash -> row, for rows added after the index was built
         self._subject_codes = None
         self.model_id = ""
         self.model_metadata: dict = {}
@@ -448,6 +460,7 @@ class EmbeddingLibrary:
         self._embeddings = None
         self._norms = None
         self._hash_index = None
+        self._recent_hashes = {}
         self._subject_codes = None
 
     # -- reading ---------------------------------------------------------------------------
@@ -565,15 +578,18 @@ class EmbeddingLibrary:
             self._hash_index = (stored[order], order)
         sorted_hashes, order = self._hash_index
         out = np.full(len(hashes), -1, dtype=np.int64)
-        if len(sorted_hashes) == 0 or len(hashes) == 0:
-            return out
-        width = sorted_hashes.dtype.itemsize
-        fits = np.array([0 < len(h) <= width for h in hashes], dtype=bool)
-        keys = np.array([h if ok else b"" for h, ok in zip(hashes, fits)], dtype=f"S{width}")
-        pos = np.searchsorted(sorted_hashes, keys)
-        pos_c = np.minimum(pos, len(sorted_hashes) - 1)
-        hit = fits & (pos < len(sorted_hashes)) & (sorted_hashes[pos_c] == keys)
-        out[hit] = order[pos_c[hit]]
+        if len(sorted_hashes) and len(hashes):
+            width = sorted_hashes.dtype.itemsize
+            fits = np.array([0 < len(h) <= width for h in hashes], dtype=bool)
+            keys = np.array([h if ok else b"" for h, ok in zip(hashes, fits)], dtype=f"S{width}")
+            pos = np.searchsorted(sorted_hashes, keys)
+            pos_c = np.minimum(pos, len(sorted_hashes) - 1)
+            hit = fits & (pos < len(sorted_hashes)) & (sorted_hashes[pos_c] == keys)
+            out[hit] = order[pos_c[hit]]
+        if self._recent_hashes:
+            for i, h in enumerate(hashes):
+                if out[i] < 0 and h in self._recent_hashes:
+                    out[i] = self._recent_hashes[h]
         return out
 
     def add(self, records: Sequence, content_hashes: Optional[Sequence[str]], embeddings,
@@ -603,7 +619,7 @@ class EmbeddingLibrary:
         hashes = [str(h or "") for h in content_hashes]
         if len(hashes) != len(records):
             raise LibraryError(f"{self.path}: {len(records)} records but {len(hashes)} hashes")
-        enc = [h.encode("utf-8") for h in hashes]
+        enc = [_safe_text(h).encode("utf-8") for h in hashes]
 
         result = AddResult()
         keep = np.ones(len(records), dtype=bool)
@@ -632,21 +648,37 @@ class EmbeddingLibrary:
         if len(idx) == 0:
             return result
 
+        # Everything is prepared before the file is touched, so that a bad value cannot leave
+        # half-written rows behind.
+        m = len(idx)
+        texts = {name: np.array([_safe_text(getattr(records[i], name, "")) for i in idx],
+                                dtype=object) for name in STRING_COLUMNS}
+        new_hashes = [enc[i] for i in idx]
+        new_emb = np.ascontiguousarray(emb[idx])
         f = self._writable()
-        n0, m = len(self), len(idx)
-        width = max(len(enc[i]) for i in idx)
-        if width > f["content_hash"].dtype.itemsize:
-            self._widen_hashes(f, width)
-        for name in ("embeddings",) + COLUMNS:
-            f[name].resize(n0 + m, axis=0)
-        f["embeddings"][n0:] = emb[idx]
-        for name in STRING_COLUMNS:
-            f[name][n0:] = np.array([str(getattr(records[i], name, "") or "") for i in idx],
-                                    dtype=object)
-        f["content_hash"][n0:] = np.array([enc[i] for i in idx]).astype(
-            f["content_hash"].dtype)
-        f["added"][n0:] = np.full(m, time.time())
-        self._invalidate()
+        n0 = len(self)
+        try:
+            width = max(len(h) for h in new_hashes)
+            if width > f["content_hash"].dtype.itemsize:
+                self._widen_hashes(f, width)
+            for name in ("embeddings",) + COLUMNS:
+                f[name].resize(n0 + m, axis=0)
+            f["embeddings"][n0:] = new_emb
+            for name in STRING_COLUMNS:
+                f[name][n0:] = texts[name]
+            f["content_hash"][n0:] = np.array(new_hashes).astype(f["content_hash"].dtype)
+            f["added"][n0:] = np.full(m, time.time())
+        except BaseException:
+            # The working copy may be half-changed: drop it (and this session's uncommitted
+            # changes); the published library is untouched.
+            self.rollback()
+            raise
+        # Rows changed: drop the cached matrix, keep the hash index up to date.
+        self._embeddings = self._norms = self._subject_codes = None
+        if self._hash_index is not None:
+            for j, h in enumerate(new_hashes):
+                if h:
+                    self._recent_hashes.setdefault(h, n0 + j)
         result.added = m
         return result
 

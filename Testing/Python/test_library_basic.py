@@ -262,3 +262,47 @@ def test_long_content_hash_widens_column(tmp_path):
         assert lib.add(records[2:], hashes[2:], emb[2:]).added == 0
     with EmbeddingLibrary.open(path) as lib:
         assert list(lib.column("content_hash")) == hashes
+
+
+def test_duplicates_across_adds_in_one_session(tmp_path):
+    path = tmp_path / "lib.h5"
+    records, hashes, emb = make_batch(0, 4)
+    with EmbeddingLibrary.open(path, "a", model=fake_model()) as lib:
+        assert lib.add(records[:2], hashes[:2], emb[:2]).added == 2
+        result = lib.add(records, hashes, emb)  # first two now stored, in the same session
+        assert result.added == 2
+        assert [d.existing_image_id for d in result.duplicates] == ["img0", "img1"]
+        assert lib.add(records[3:], hashes[3:], emb[3:]).added == 0
+        # Entries without a hash are never duplicates.
+        assert lib.add(records[:2], ["", ""], emb[:2]).added == 2
+        assert lib.add(records[:2], None, emb[:2]).added == 2
+        assert len(lib) == 8
+
+
+def test_undecodable_names_are_stored_escaped(tmp_path):
+    path = tmp_path / "lib.h5"
+    bad = "/data/caf\udce9.png"  # a non-UTF-8 file name as os.fsdecode gives it
+    records = [ImageRecord(source=bad, subject_id="s\udcff", image_id="i0")]
+    with EmbeddingLibrary.open(path, "a", model=fake_model()) as lib:
+        assert lib.add(records, ["h"], np.zeros((1, DIM))).added == 1
+    with EmbeddingLibrary.open(path) as lib:
+        assert lib.column("source")[0] == "/data/caf\\udce9.png"
+        assert lib.column("subject_id")[0] == "s\\udcff"
+
+
+def test_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    path = tmp_path / "lib.h5"
+    with EmbeddingLibrary.open(path, "a", model=fake_model()) as lib:
+        lib.add(*make_batch(0, 3))
+    with EmbeddingLibrary.open(path, "a") as lib:
+        lib.add(*make_batch(10, 2))
+        monkeypatch.setattr(EmbeddingLibrary, "_widen_hashes",
+                            staticmethod(lambda f, w: (_ for _ in ()).throw(OSError("disk full"))))
+        records, hashes, emb = make_batch(20, 2)
+        with pytest.raises(OSError):
+            lib.add(records, ["x" * 200, "y"], emb)
+        assert len(lib) == 3  # the session's uncommitted rows were dropped with the bad write
+        monkeypatch.undo()
+        lib.add(*make_batch(30, 1))
+    with EmbeddingLibrary.open(path) as lib:
+        assert list(lib.column("image_id")) == ["img0", "img1", "img2", "img30"]
