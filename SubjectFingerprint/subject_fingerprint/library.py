@@ -402,7 +402,11 @@ class EmbeddingLibrary:
 
     def _publish(self, work: Path) -> None:
         _fsync_path(work)
-        os.replace(work, self.path)
+        try:
+            os.replace(work, self.path)
+        except PermissionError as exc:  # Windows: the library is open in another program
+            raise LibraryError(f"{self.path}: cannot replace the library file ({exc}); close "
+                               f"other programs that have it open and try again") from exc
         _fsync_path(self.path.parent, directory=True)
 
     def commit(self) -> None:
@@ -472,7 +476,10 @@ class EmbeddingLibrary:
         if self._embeddings is None:
             arr = np.empty(self._h5["embeddings"].shape, dtype=np.float32)
             if len(arr):
-                self._h5["embeddings"].read_direct(arr)
+                try:
+                    self._h5["embeddings"].read_direct(arr)
+                except OSError as exc:
+                    raise LibraryError(f"{self.path}: cannot read the embeddings ({exc})") from exc
             arr.setflags(write=False)
             self._embeddings = arr
         return self._embeddings
@@ -507,6 +514,15 @@ class EmbeddingLibrary:
         if name not in COLUMNS:
             raise KeyError(f"unknown column {name!r}; columns are {', '.join(COLUMNS)}")
         dset = self._h5[name]
+        try:
+            values = self._read_column(dset, rows)
+        except OSError as exc:
+            raise LibraryError(f"{self.path}: cannot read column {name} ({exc})") from exc
+        if name == "added":
+            return np.asarray(values, dtype=np.float64)
+        return _to_str(values)
+
+    def _read_column(self, dset, rows):
         if rows is None:
             values = dset[()] if len(dset) else np.empty(0, dtype=dset.dtype)
         else:
@@ -516,9 +532,7 @@ class EmbeddingLibrary:
             uniq, inverse = np.unique(rows, return_inverse=True)
             values = self._read_rows(dset, uniq)[inverse] if len(uniq) else \
                 np.empty(0, dtype=dset.dtype)
-        if name == "added":
-            return np.asarray(values, dtype=np.float64)
-        return _to_str(values)
+        return values
 
     @staticmethod
     def _read_rows(dset, sorted_rows: np.ndarray) -> np.ndarray:

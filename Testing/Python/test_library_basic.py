@@ -306,3 +306,14 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch):
         lib.add(*make_batch(30, 1))
     with EmbeddingLibrary.open(path) as lib:
         assert list(lib.column("image_id")) == ["img0", "img1", "img2", "img30"]
+
+
+def test_truncated_file_refused(tmp_path):
+    path = tmp_path / "lib.h5"
+    with EmbeddingLibrary.open(path, "a", model=fake_model()) as lib:
+        lib.add(*make_batch(0, 50))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LibraryError):
+        with EmbeddingLibrary.open(path) as lib:
+            lib.embeddings
