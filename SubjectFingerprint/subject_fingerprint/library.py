@@ -28,6 +28,7 @@ Writers are serialised by an OS lock (``fcntl.flock``, or ``msvcrt.locking`` on 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -280,7 +281,7 @@ class EmbeddingLibrary:
     def _remove_stale_copies(self) -> None:
         # We hold the writer lock, so any working copy left beside the library is from a
         # writer that died before committing.
-        for stale in self.path.parent.glob(self.path.name + ".tmp-*"):
+        for stale in self.path.parent.glob(glob.escape(self.path.name) + ".tmp-*"):
             try:
                 stale.unlink()
             except OSError:
@@ -331,7 +332,8 @@ class EmbeddingLibrary:
         version = int(attrs["format_version"])
         if version > FORMAT_VERSION:
             raise LibraryError(f"{self.path}: library format version {version} is newer than this "
-                               f"software understands ({FORMAT_VERSION}); update subject-fingerprint")
+                               f"software understands ({FORMAT_VERSION}); update "
+                               f"subject-fingerprint")
         self.format_version = version
         mid = attrs["model_id"]
         self.model_id = mid.decode() if isinstance(mid, bytes) else str(mid)
@@ -344,7 +346,8 @@ class EmbeddingLibrary:
         self.embedding_dim = int(attrs["embedding_dim"])
         n = f["embeddings"].shape[0]
         if f["embeddings"].ndim != 2 or f["embeddings"].shape[1] != self.embedding_dim:
-            raise LibraryError(f"{self.path}: embeddings do not have shape (N, {self.embedding_dim})")
+            raise LibraryError(
+                f"{self.path}: embeddings do not have shape (N, {self.embedding_dim})")
         bad = [c for c in COLUMNS if f[c].shape != (n,)]
         if bad:
             raise LibraryError(f"{self.path}: columns {', '.join(bad)} do not have {n} rows")
