@@ -317,3 +317,17 @@ def test_truncated_file_refused(tmp_path):
     with pytest.raises(LibraryError):
         with EmbeddingLibrary.open(path) as lib:
             lib.embeddings
+
+
+def test_maybe_commit_spaces_commits_by_their_cost(tmp_path):
+    path = tmp_path / "lib.h5"
+    with EmbeddingLibrary.open(path, "a", model=fake_model()) as lib:
+        assert not lib.maybe_commit()  # nothing to commit
+        lib.add(*make_batch(0, 2))
+        assert lib.has_uncommitted_changes
+        # An overhead budget this small would allow a commit only after hours.
+        assert not lib.maybe_commit(max_overhead=1e-7)
+        assert lib.maybe_commit(max_overhead=1e9)
+        assert not lib.has_uncommitted_changes and lib.last_commit_seconds > 0
+        with EmbeddingLibrary.open(path) as reader:
+            assert len(reader) == 2
