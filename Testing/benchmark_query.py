@@ -4,7 +4,8 @@ Builds libraries of random 128-d embeddings (10k, 100k and 1M entries by default
 measures for each: the time to open the library and load its embeddings, the latency of one
 query and of a batch of 100 queries (``search.rank``: top-10 images and subjects, labels
 read from the file), and what adding a batch of new entries costs (a whole write session:
-lock, copy-on-write, add, fsync, atomic replace). Prints a Markdown table.
+lock, copy-on-write, add, fsync, atomic replace), a session whose entries are all
+duplicates (no copy), and removing one subject (a compact rewrite). Prints a Markdown table.
 
     python Testing/benchmark_query.py [--sizes 10000 100000 1000000] [--dir TMPDIR] [--keep]
 
@@ -110,7 +111,13 @@ def bench_size(folder: Path, n: int, add_batch: int, rng) -> dict:
         result = lib.add(recs, hashes, emb)
     dup_s = time.perf_counter() - t
     assert result.added == 0
-    return dict(n=n, build_s=build_s, size_mib=size_mib, open_s=open_s, rss_open=rss_open,
+    # Removing one subject rewrites the library compactly.
+    t = time.perf_counter()
+    with EmbeddingLibrary.open(path, "a", model=model) as lib:
+        removed = lib.remove(subject_ids=[recs[0].subject_id])
+    remove_s = time.perf_counter() - t
+    assert removed >= 1
+    return dict(remove_s=remove_s, n=n, build_s=build_s, size_mib=size_mib, open_s=open_s, rss_open=rss_open,
                 one_ms=one_s * 1e3, knn_one_ms=knn_one_s * 1e3, batch_ms=batch_s * 1e3,
                 add_batch=add_batch, add_s=add_s, dup_s=dup_s, path=path)
 
@@ -140,15 +147,16 @@ def main(argv=None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
 
     print(f"\nEmbedding library and query benchmark ({DIM}-d float32, top-10, "
-          f"{os.cpu_count()} CPU threads, warm page cache)\n")
+          f"{os.cpu_count()} CPU threads, warm page cache, load average at the end "
+          f"{os.getloadavg()[0]:.1f}; medians)\n")
     print("| entries | file MiB | build s | open + load s | RSS after open MiB | 1 query ms "
           "(rank) | 1 query ms (knn only) | 100 queries ms (rank) | add "
-          f"{args.add_batch} (1 session) s | duplicate-only session s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{args.add_batch} (1 session) s | duplicate-only session s | remove 1 subject s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']:,} | {r['size_mib']:.0f} | {r['build_s']:.1f} | {r['open_s']:.2f} | "
               f"{r['rss_open']:.0f} | {r['one_ms']:.1f} | {r['knn_one_ms']:.1f} | "
-              f"{r['batch_ms']:.0f} | {r['add_s']:.2f} | {r['dup_s']:.2f} |")
+              f"{r['batch_ms']:.0f} | {r['add_s']:.2f} | {r['dup_s']:.2f} | {r['remove_s']:.2f} |")
     return 0
 
 
