@@ -1,0 +1,9 @@
+"""Training and evaluation of subject fingerprint models.
+
+Training (this part): ``splits`` (subject-disjoint seeded splits), ``data`` (preloaded
+tensors), ``sampler`` (P subjects x K images batches, distributed-aware), ``mining`` (the
+Few-Shot Fingerprinting paper's Algorithm 1, batch-hard, every triplet; cross-batch memory),
+``losses`` (triplet margin, contrastive), ``augment``, ``trainer``, ``distributed`` (DDP) and
+``cli`` (``split``, ``train``, ``evaluate`` subcommands). Evaluation: ``metrics``, ``evaluate``,
+``baselines``, ``calibrate``, ``plots``.
+"""
