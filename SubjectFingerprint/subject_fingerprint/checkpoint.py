@@ -1,0 +1,283 @@
+"""Fingerprint models and their checkpoint files.
+
+A checkpoint is one ``torch.save`` file holding only plain data (strings, numbers, tensors)::
+
+    {"format": "subject-fingerprint-checkpoint", "format_version": 1,
+     "metadata_json": "<JSON text>", "weights_sha256": "<hex>", "state_dict": {name: tensor}}
+
+It is read with ``torch.load(weights_only=True)``, so a file cannot run code, and the
+weights hash catches a file altered after saving. The metadata JSON has the keys
+``architecture``, ``preprocessing``, ``modalities``, ``training``, ``calibration`` and
+``metrics``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+
+from .errors import CheckpointError, ModelMismatchError
+from .preprocess import Preprocessing
+from .records import modality_family
+
+FORMAT = "subject-fingerprint-checkpoint"
+FORMAT_VERSION = 1
+ENV_MODEL = "SUBJECT_FINGERPRINT_MODEL"
+STARTER_MODEL_NAME = "starter-2d-cxr.pt"
+
+
+def check_image_fits(loaded, spatial_dims: int, modalities=()) -> None:
+    """Raise ``ModelMismatchError`` when ``loaded`` is not something the model can embed.
+
+    Shared by ``FingerprintModel.check_image`` and the embedding workers (which get these
+    plain values rather than the network). An unknown modality ("" or "other") passes:
+    the model cannot tell, and refusing would block non-DICOM files without a manifest.
+    """
+    source = getattr(getattr(loaded, "record", None), "source", "") or "the image"
+    ndim = loaded.array.ndim
+    if ndim != spatial_dims:
+        want = {2: "2D images", 3: "3D volumes"}.get(spatial_dims, f"{spatial_dims}D images")
+        have = {2: "a 2D image", 3: "a 3D volume"}.get(ndim, f"a {ndim}-dimensional array")
+        raise ModelMismatchError(f"this model embeds {want}; {source} is {have}")
+    families = [f for f in (modalities or ()) if f]
+    if families:
+        family = modality_family(getattr(loaded.record, "modality", "") or "")
+        if family != "other" and family not in families:
+            raise ModelMismatchError(
+                f"this model was trained on {' or '.join(families)} images; {source} is {family}")
+
+
+def _tensor_bytes(tensor) -> bytes:
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    return t.view(__import__("torch").uint8).numpy().tobytes()
+
+
+def _weights_hash(state_dict) -> str:
+    """SHA-256 over the stored tensors exactly as stored (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+class FingerprintModel:
+    """A network together with its preprocessing and metadata.
+
+    ``metadata`` is a JSON-able dict (see the module docstring); ``preprocessing`` is
+    authoritative and is written into ``metadata["preprocessing"]`` on saving.
+    """
+
+    def __init__(self, network, preprocessing: Preprocessing, metadata: dict | None = None):
+        self.network = network
+        self.preprocessing = preprocessing
+        self.metadata = dict(metadata or {})
+        for key, default in (("modalities", []), ("training", {}), ("calibration", None), ("metrics", {})):
+            self.metadata.setdefault(key, copy.deepcopy(default))
+        self.metadata["preprocessing"] = preprocessing.to_dict()
+        self._id_cache = (None, None)
+
+    @classmethod
+    def create(cls, spatial_dims: int, depth: int = 50, embedding_dim: int = 128,
+               preprocessing: Preprocessing | None = None, modalities=()) -> "FingerprintModel":
+        """A new, untrained model (random weights) of the given shape."""
+        from .model import build_network
+
+        if preprocessing is None:
+            preprocessing = Preprocessing.default(spatial_dims)
+        if preprocessing.spatial_dims != spatial_dims:
+            raise ValueError("preprocessing.spatial_dims does not match spatial_dims")
+        network = build_network(spatial_dims, depth, embedding_dim)
+        metadata = {
+            "architecture": {"name": "resnet", "depth": int(depth), "spatial_dims": int(spatial_dims),
+                             "embedding_dim": int(embedding_dim)},
+            "modalities": [modality_family(m) if modality_family(m) != "other" else str(m).lower()
+                           for m in modalities],
+        }
+        return cls(network, preprocessing, metadata)
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def architecture(self) -> dict:
+        return self.metadata.get("architecture", {})
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.architecture.get("spatial_dims", self.preprocessing.spatial_dims))
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.architecture["embedding_dim"])
+
+    @property
+    def depth(self) -> int:
+        return int(self.architecture["depth"])
+
+    @property
+    def modalities(self) -> list:
+        return list(self.metadata.get("modalities") or [])
+
+    @property
+    def calibration(self):
+        from .calibration import Calibration
+
+        data = self.metadata.get("calibration")
+        return Calibration.from_dict(data) if data else None
+
+    @calibration.setter
+    def calibration(self, value) -> None:
+        self.metadata["calibration"] = value.to_dict() if value is not None else None
+
+    @property
+    def model_id(self) -> str:
+        """First 16 hex digits of a SHA-256 over the weights (float32, sorted names).
+
+        Cached until any tensor changes (in-place updates bump tensor versions).
+        """
+        state = self.network.state_dict()
+        key = tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
+        if self._id_cache[0] != key:
+            digest = hashlib.sha256()
+            for name in sorted(state):
+                tensor = state[name].detach().to("cpu", dtype=__import__("torch").float32)
+                digest.update(name.encode() + b"\n")
+                digest.update(tensor.contiguous().numpy().tobytes())
+            self._id_cache = (key, digest.hexdigest()[:16])
+        return self._id_cache[1]
+
+    # -- checks ----------------------------------------------------------------------
+    def check_image(self, loaded) -> None:
+        """Raise ``ModelMismatchError`` for a wrong dimensionality or modality family."""
+        check_image_fits(loaded, self.spatial_dims, self.modalities)
+
+    def to(self, device) -> "FingerprintModel":
+        self.network.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        a = self.architecture
+        return (f"FingerprintModel(resnet{a.get('depth')}, {a.get('spatial_dims')}D, "
+                f"dim={a.get('embedding_dim')}, id={self.model_id})")
+
+
+def save_checkpoint(model: FingerprintModel, path, half: bool = False) -> Path:
+    """Write ``model`` to ``path`` atomically (a temporary file beside it, then rename).
+
+    ``half=True`` stores floating-point tensors as float16 (half the size); they are cast
+    back to float32 on loading.
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = dict(model.metadata)
+    metadata["preprocessing"] = model.preprocessing.to_dict()
+    state = {}
+    for name, tensor in model.network.state_dict().items():
+        tensor = tensor.detach().to("cpu").clone()
+        if half and tensor.is_floating_point():
+            tensor = tensor.half()
+        state[name] = tensor
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metadata_json": json.dumps(metadata, sort_keys=True),
+        "weights_sha256": _weights_hash(state),
+        "state_dict": state,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        # mkstemp makes the file private (0600); give it the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path, device="cpu") -> FingerprintModel:
+    """Read a checkpoint written by ``save_checkpoint``; ``CheckpointError`` on any problem."""
+    import torch
+
+    from .model import build_network
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols of foreign files; the error says enough.
+            warnings.simplefilter("ignore")
+            payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler names the blocked callable as a GLOBAL; other
+        # failures (text, random bytes) are simply not checkpoints.
+        if "GLOBAL" in str(exc):
+            raise CheckpointError(path, "the file contains objects that would run code when loaded; "
+                                        "refusing to load it") from None
+        raise CheckpointError(path, "not a model checkpoint (unreadable as a PyTorch file)") from None
+    except Exception as exc:  # zip errors, truncated files, random bytes...
+        raise CheckpointError(path, f"not a model checkpoint (unreadable: {type(exc).__name__})") from None
+
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(path, "not a SubjectFingerprint checkpoint (no format marker; "
+                                    "a bare state_dict or another tool's file?)")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(path, f"checkpoint format version {version!r} is newer than this "
+                                    f"software understands ({FORMAT_VERSION}); please upgrade")
+    try:
+        metadata = json.loads(payload["metadata_json"])
+        arch = metadata["architecture"]
+        preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
+        spatial_dims, depth, dim = int(arch["spatial_dims"]), int(arch["depth"]), int(arch["embedding_dim"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"damaged metadata ({type(exc).__name__}: {exc})") from None
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(path, "the checkpoint holds no weights")
+    if _weights_hash(state) != payload.get("weights_sha256"):
+        raise CheckpointError(path, "weights do not match their recorded hash: the file was altered")
+    try:
+        network = build_network(spatial_dims, depth, dim)
+        state = {k: (t.float() if t.is_floating_point() else t) for k, t in state.items()}
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(path, f"weights do not fit a {spatial_dims}D ResNet-{depth} "
+                                    f"with {dim}-d output: {first}") from None
+    network.to(device)
+    network.eval()
+    return FingerprintModel(network, preprocessing, metadata)
+
+
+def default_model_path() -> Path:
+    """The bundled starter model, or the file named by ``$SUBJECT_FINGERPRINT_MODEL``."""
+    env = os.environ.get(ENV_MODEL)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise CheckpointError(path, f"the model named by {ENV_MODEL} does not exist")
+        return path
+    path = Path(__file__).resolve().parents[2] / "Resources" / "Models" / STARTER_MODEL_NAME
+    if not path.is_file():
+        raise CheckpointError(path, "the bundled starter model is not there; "
+                                    "pass a checkpoint with --model")
+    return path

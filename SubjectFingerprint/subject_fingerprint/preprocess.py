@@ -1,0 +1,172 @@
+"""Image preprocessing that is part of a model: resampling, resizing and intensity scaling.
+
+A ``Preprocessing`` is stored in every checkpoint, and the same object prepares images for
+training, indexing and querying, so an image is always seen the same way by the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ModelMismatchError
+
+
+def _describe(loaded) -> str:
+    record = getattr(loaded, "record", None)
+    return getattr(record, "source", None) or "the image"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a ``LoadedImage`` becomes a network input of shape ``(1, *size)``.
+
+    Steps, in order (deterministic, no randomness):
+
+    1. 3D only, when ``spacing`` is set: resample to that voxel spacing (mm, z y x).
+    2. Scale intensities: clip to the image's own ``clip_percentiles`` and map to [0, 1],
+       so window/level, bit depth and scanner gain do not matter, and a few hot pixels
+       cannot squash the rest of the image.
+    3. Resize to ``size``. ``"pad"`` keeps the physical aspect ratio (using the pixel
+       spacing): the longest side is scaled to fit and the rest is centre-padded with 0
+       (the image's minimum after step 2). ``"stretch"`` resizes each axis to fit.
+
+    Intensities are scaled before resizing so that padding never shifts the percentiles.
+    """
+
+    spatial_dims: int = 2
+    size: tuple = (256, 256)
+    spacing: tuple | None = None
+    clip_percentiles: tuple = (0.5, 99.5)
+    resize: str = "pad"
+
+    def __post_init__(self):
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, not {self.spatial_dims!r}")
+        size = tuple(int(s) for s in self.size)
+        if len(size) != self.spatial_dims or min(size) < 1:
+            raise ValueError(f"size {self.size!r} does not fit spatial_dims={self.spatial_dims}")
+        object.__setattr__(self, "size", size)
+        if self.spacing is not None:
+            if self.spatial_dims != 3:
+                raise ValueError("a target spacing is only used for 3D volumes")
+            spacing = tuple(float(s) for s in (
+                self.spacing if np.ndim(self.spacing) else [self.spacing] * 3))
+            if len(spacing) != 3 or min(spacing) <= 0:
+                raise ValueError(f"spacing {self.spacing!r} must be three positive numbers")
+            object.__setattr__(self, "spacing", spacing)
+        lo, hi = (float(p) for p in self.clip_percentiles)
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"clip_percentiles {self.clip_percentiles!r} must be 0 <= low < high <= 100")
+        object.__setattr__(self, "clip_percentiles", (lo, hi))
+        if self.resize not in ("pad", "stretch"):
+            raise ValueError(f"resize must be 'pad' or 'stretch', not {self.resize!r}")
+
+    # -- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "spatial_dims": self.spatial_dims,
+            "size": list(self.size),
+            "spacing": list(self.spacing) if self.spacing is not None else None,
+            "clip_percentiles": list(self.clip_percentiles),
+            "resize": self.resize,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        spacing = d.get("spacing")
+        return cls(
+            spatial_dims=int(d["spatial_dims"]),
+            size=tuple(d["size"]),
+            spacing=tuple(spacing) if spacing is not None else None,
+            clip_percentiles=tuple(d.get("clip_percentiles", (0.5, 99.5))),
+            resize=d.get("resize", "pad"),
+        )
+
+    @classmethod
+    def default(cls, spatial_dims: int) -> "Preprocessing":
+        """The defaults of ``FingerprintModel.create``: 256x256 for 2D, 96^3 for 3D."""
+        if spatial_dims == 2:
+            return cls(spatial_dims=2, size=(256, 256))
+        return cls(spatial_dims=3, size=(96, 96, 96))
+
+    # -- the transform ---------------------------------------------------------------
+    def apply(self, loaded) -> np.ndarray:
+        """Return the network input for one ``LoadedImage``: float32, shape ``(1, *size)``."""
+        array = np.asarray(loaded.array)
+        if array.ndim != self.spatial_dims:
+            kind = {2: "2D images", 3: "3D volumes"}.get(self.spatial_dims)
+            have = {2: "a 2D image", 3: "a 3D volume"}.get(array.ndim, f"a {array.ndim}-dimensional array")
+            raise ModelMismatchError(f"this model embeds {kind}; {_describe(loaded)} is {have}")
+        if min(array.shape) < 1:
+            raise ValueError(f"{_describe(loaded)} has no pixels (shape {array.shape})")
+        array = np.nan_to_num(array.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+        spacing = _spacing_of(loaded, array.ndim)
+
+        if self.spacing is not None:
+            shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(array.shape, spacing, self.spacing))
+            array = _resize(array, shape)
+            spacing = self.spacing
+
+        array = self._scale_intensities(array)
+
+        if self.resize == "stretch":
+            out = _resize(array, self.size)
+        else:
+            extent = [n * s for n, s in zip(array.shape, spacing)]
+            # mm per output pixel so that the longest side (relative to its target) fits.
+            mm_per_pixel = max(e / t for e, t in zip(extent, self.size))
+            inner = tuple(min(t, max(1, int(round(e / mm_per_pixel)))) for e, t in zip(extent, self.size))
+            resized = _resize(array, inner)
+            out = np.zeros(self.size, dtype=np.float32)
+            starts = [(t - n) // 2 for t, n in zip(self.size, inner)]
+            out[tuple(slice(b, b + n) for b, n in zip(starts, inner))] = resized
+        # Interpolation cannot leave [0, 1] by much; clip keeps the promise exact.
+        np.clip(out, 0.0, 1.0, out=out)
+        return np.ascontiguousarray(out[None], dtype=np.float32)
+
+    def _scale_intensities(self, array: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(array, self.clip_percentiles)
+        if not hi > lo:
+            # Flat image (or nearly): fall back to the full range, else all zeros.
+            lo, hi = float(array.min()), float(array.max())
+            if not hi > lo:
+                return np.zeros_like(array, dtype=np.float32)
+        out = (array - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+        np.clip(out, 0.0, 1.0, out=out)
+        return out.astype(np.float32, copy=False)
+
+
+def _spacing_of(loaded, ndim: int) -> tuple:
+    spacing = getattr(loaded, "spacing", None)
+    try:
+        values = tuple(float(s) for s in spacing)
+    except TypeError:
+        values = ()
+    if len(values) != ndim or not all(np.isfinite(values)) or min(values) <= 0:
+        return (1.0,) * ndim  # unknown spacing: square pixels
+    return values
+
+
+def _resize(array: np.ndarray, shape: tuple) -> np.ndarray:
+    """Resize with torch; antialiased in 2D, area-averaged when shrinking in 3D."""
+    import torch
+    import torch.nn.functional as F
+
+    shape = tuple(int(s) for s in shape)
+    if tuple(array.shape) == shape:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        if array.ndim == 2:
+            shrinking = any(t < n for t, n in zip(shape, array.shape))
+            y = F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=shrinking)
+        else:
+            # torch has no antialiased trilinear: average-pool whole factors first, then
+            # interpolate the remainder.
+            kernel = tuple(max(1, n // t) for n, t in zip(array.shape, shape))
+            if max(kernel) > 1:
+                x = F.avg_pool3d(x, kernel_size=kernel, stride=kernel)
+            y = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+    return y[0, 0].numpy()
