@@ -1,0 +1,196 @@
+"""Batched embedding of images with a ``FingerprintModel``.
+
+Decoding and preprocessing run in a ``torch.utils.data.DataLoader`` (optionally with worker
+processes) so the network never waits on disk; an image that cannot be read or does not fit
+the model becomes a ``Failure`` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .checkpoint import check_image_fits
+from .errors import Failure, FingerprintError
+from .records import LoadedImage
+
+
+@dataclass
+class EmbeddedBatch:
+    """Embeddings of the records that worked, in order, and the failures of the rest."""
+
+    records: list = field(default_factory=list)
+    content_hashes: list = field(default_factory=list)
+    embeddings: np.ndarray = None
+    failures: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _default_loader(record):
+    # Imported lazily: io pulls in pydicom/SimpleITK, not needed to build an Embedder.
+    from .io import load_image
+
+    return load_image(record)
+
+
+class _RecordDataset:
+    """Map-style dataset: record -> (input array, record, content hash) or ``Failure``.
+
+    Holds only plain values (preprocessing, dims, modalities, loader) so it pickles cheaply
+    into worker processes; the network stays in the main process.
+    """
+
+    def __init__(self, records, preprocessing, spatial_dims, modalities, loader):
+        self.records = list(records)
+        self.preprocessing = preprocessing
+        self.spatial_dims = spatial_dims
+        self.modalities = list(modalities)
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        try:
+            loader = self.loader or _default_loader
+            loaded = loader(record)
+            check_image_fits(loaded, self.spatial_dims, self.modalities)
+            array = self.preprocessing.apply(loaded)
+            return array, record, loaded.content_hash
+        except Exception as exc:  # one bad image must not stop the run
+            source = getattr(record, "source", record)
+            if isinstance(exc, FingerprintError) and not getattr(exc, "reason", None):
+                # Our own errors are written for users; no exception class name needed.
+                return Failure(str(source), str(exc))
+            return Failure.from_exception(source, exc)
+
+
+def _collate(items):
+    """Stack the good items, keep the failures aside (the default collate cannot)."""
+    import torch
+
+    good = [item for item in items if not isinstance(item, Failure)]
+    failures = [item for item in items if isinstance(item, Failure)]
+    inputs = torch.from_numpy(np.stack([g[0] for g in good])) if good else None
+    return {
+        "inputs": inputs,
+        "records": [g[1] for g in good],
+        "hashes": [g[2] for g in good],
+        "failures": failures,
+    }
+
+
+class Embedder:
+    """Runs a ``FingerprintModel`` over records, loaded images or tensors.
+
+    The network is moved to the chosen device once, put in eval mode and run under
+    ``torch.inference_mode``; on CUDA with float16 autocast. ``device_notice`` holds the
+    message from ``resolve_device`` (e.g. "CUDA is not available; using the CPU") or None.
+    """
+
+    def __init__(self, model, device="auto", batch_size: int = 16, num_workers: int = 0,
+                 loader=None, progress: bool = False):
+        from .device import resolve_device
+
+        self.model = model
+        self.device, self.device_notice = resolve_device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.num_workers = max(0, int(num_workers))
+        self.loader = loader
+        self.progress = progress
+        self.network = model.network.to(self.device).eval()
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, self.embedding_dim), dtype=np.float32)
+
+    def _autocast(self):
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def embed_tensor(self, x):
+        """Embed a ready batch ``(B, 1, *size)``; returns a float32 CPU tensor ``(B, D)``."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            out = self.network(x.to(self.device, non_blocking=True))
+        return out.float().cpu()
+
+    def iter_batches(self, records):
+        """Yield one ``EmbeddedBatch`` per ``batch_size`` records, in record order."""
+        from torch.utils.data import DataLoader
+
+        dataset = _RecordDataset(records, self.model.preprocessing, self.model.spatial_dims,
+                                 self.model.modalities, self.loader)
+        if len(dataset) == 0:
+            return
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if self.num_workers else None,
+        )
+        for batch in loader:
+            if batch["inputs"] is not None:
+                embeddings = self.embed_tensor(batch["inputs"]).numpy().astype(np.float32, copy=False)
+            else:
+                embeddings = self._empty()
+            yield EmbeddedBatch(batch["records"], batch["hashes"], embeddings, batch["failures"])
+
+    def embed_records(self, records, progress=None) -> EmbeddedBatch:
+        """Embed every record; one ``EmbeddedBatch`` with everything that worked."""
+        records = list(records)
+        show = self.progress if progress is None else progress
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(records), unit="img", desc="embedding")
+        out_records, hashes, parts, failures = [], [], [], []
+        try:
+            for batch in self.iter_batches(records):
+                out_records.extend(batch.records)
+                hashes.extend(batch.content_hashes)
+                parts.append(batch.embeddings)
+                failures.extend(batch.failures)
+                if bar is not None:
+                    bar.update(len(batch.records) + len(batch.failures))
+        finally:
+            if bar is not None:
+                bar.close()
+        embeddings = np.concatenate(parts, axis=0) if parts else self._empty()
+        return EmbeddedBatch(out_records, hashes, embeddings, failures)
+
+    def embed_loaded(self, images) -> np.ndarray:
+        """Embed already loaded images; raises ``ModelMismatchError`` for one that does not fit."""
+        import torch
+
+        images = list(images)
+        if isinstance(images and images[0], np.ndarray):
+            raise TypeError("embed_loaded takes LoadedImage objects")
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            arrays = []
+            for loaded in chunk:
+                self.model.check_image(loaded)
+                arrays.append(self.model.preprocessing.apply(loaded))
+            parts.append(self.embed_tensor(torch.from_numpy(np.stack(arrays))).numpy())
+        return np.concatenate(parts, axis=0).astype(np.float32, copy=False) if parts else self._empty()
+
+
+__all__ = ["Embedder", "EmbeddedBatch", "LoadedImage"]
