@@ -45,7 +45,9 @@ class Calibration:
         float out, an array in gives a float64 array of the same shape.
         """
         d = np.asarray(distances, dtype=np.float64)
-        z = self.coef * d + self.intercept
+        # Beyond |z| = 500 the answer is 0 or 1 to double precision; clipping avoids
+        # overflow/underflow warnings.
+        z = np.clip(self.coef * d + self.intercept, -500.0, 500.0)
         # exp of a negative number only: split by sign.
         ez = np.exp(-np.abs(z))
         p = np.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez))
