@@ -54,8 +54,11 @@ def check_image_fits(loaded, spatial_dims: int, modalities=()) -> None:
 
 
 def _tensor_bytes(tensor) -> bytes:
+    """Raw bytes of any tensor dtype (float16 included) via a uint8 view."""
+    import torch
+
     t = tensor.detach().cpu().contiguous().reshape(-1)
-    return t.view(__import__("torch").uint8).numpy().tobytes()
+    return t.view(torch.uint8).numpy().tobytes()
 
 
 def _weights_hash(state_dict) -> str:
@@ -141,12 +144,14 @@ class FingerprintModel:
 
         Cached until any tensor changes (in-place updates bump tensor versions).
         """
+        import torch
+
         state = self.network.state_dict()
         key = tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
         if self._id_cache[0] != key:
             digest = hashlib.sha256()
             for name in sorted(state):
-                tensor = state[name].detach().to("cpu", dtype=__import__("torch").float32)
+                tensor = state[name].detach().to("cpu", dtype=torch.float32)
                 digest.update(name.encode() + b"\n")
                 digest.update(tensor.contiguous().numpy().tobytes())
             self._id_cache = (key, digest.hexdigest()[:16])
