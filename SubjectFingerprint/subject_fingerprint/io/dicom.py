@@ -123,8 +123,9 @@ def _functional_item(ds, frame: Optional[int], sequence: str):
     if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
         groups.append(ds.SharedFunctionalGroupsSequence[0])
     for group in groups:
-        if sequence in group and len(group[sequence]):
-            return group[sequence][0]
+        items = group.get(sequence)
+        if items:
+            return items[0]
     return None
 
 
@@ -151,6 +152,9 @@ def header_info(path) -> DicomHeader:
         info.skip_reason = "segmentation object, not an image"
         return info
     if "Rows" not in ds or "Columns" not in ds:
+        if "Image Storage" in _sop_name(sop_class):
+            raise ImageReadError(path, f"truncated or incomplete DICOM image: {_sop_name(sop_class)} "
+                                       "without Rows/Columns")
         info.skip_reason = f"no image pixels (SOP class {_sop_name(sop_class) or 'unknown'})"
         return info
 
