@@ -55,5 +55,8 @@ class Failure:
 
     @classmethod
     def from_exception(cls, path, exc: BaseException) -> "Failure":
-        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+        reason = getattr(exc, "reason", None)
+        if not reason:
+            # Our own errors carry a message meant for users; others need their type.
+            reason = str(exc) if isinstance(exc, FingerprintError) else f"{type(exc).__name__}: {exc}"
         return cls(str(path), reason)
