@@ -71,6 +71,40 @@ def _weights_hash(state_dict) -> str:
     return digest.hexdigest()
 
 
+def _json_default(value):
+    """Make the usual non-JSON values in metadata storable (numpy numbers, paths, objects
+    with ``to_dict`` such as ``Calibration``)."""
+    import numpy as np
+
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, os.PathLike)):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} cannot be stored as JSON")
+
+
+def metadata_json(metadata: dict) -> str:
+    """The metadata as the JSON text a checkpoint stores (sorted keys)."""
+    return json.dumps(metadata, sort_keys=True, default=_json_default)
+
+
+def _infer_architecture(network, preprocessing) -> dict:
+    """Architecture block for a network built by ``build_network`` but given without one."""
+    from .model import RESNET_LAYOUTS
+
+    layers = [len(getattr(network, f"layer{i}")) for i in range(1, 5)]
+    block = "bottleneck" if type(network.layer1[0]).__name__ == "ResNetBottleneck" else "basic"
+    depth = next((d for d, (b, lay) in RESNET_LAYOUTS.items() if b == block and lay == layers), None)
+    return {"name": "resnet", "depth": depth, "spatial_dims": preprocessing.spatial_dims,
+            "embedding_dim": int(network.fc.out_features)}
+
+
 class FingerprintModel:
     """A network together with its preprocessing and metadata.
 
@@ -85,6 +119,8 @@ class FingerprintModel:
         for key, default in (("modalities", []), ("training", {}), ("calibration", None), ("metrics", {})):
             self.metadata.setdefault(key, copy.deepcopy(default))
         self.metadata["preprocessing"] = preprocessing.to_dict()
+        if not self.metadata.get("architecture"):
+            self.metadata["architecture"] = _infer_architecture(network, preprocessing)
         self._id_cache = (None, None)
 
     @classmethod
@@ -98,11 +134,15 @@ class FingerprintModel:
         if preprocessing.spatial_dims != spatial_dims:
             raise ValueError("preprocessing.spatial_dims does not match spatial_dims")
         network = build_network(spatial_dims, depth, embedding_dim)
+        families = []
+        for m in modalities:
+            family = modality_family(m) if modality_family(m) != "other" else str(m).strip().lower()
+            if family and family not in families:
+                families.append(family)
         metadata = {
             "architecture": {"name": "resnet", "depth": int(depth), "spatial_dims": int(spatial_dims),
                              "embedding_dim": int(embedding_dim)},
-            "modalities": [modality_family(m) if modality_family(m) != "other" else str(m).lower()
-                           for m in modalities],
+            "modalities": families,
         }
         return cls(network, preprocessing, metadata)
 
@@ -132,6 +172,8 @@ class FingerprintModel:
         from .calibration import Calibration
 
         data = self.metadata.get("calibration")
+        if isinstance(data, Calibration) or data is None:
+            return data
         return Calibration.from_dict(data) if data else None
 
     @calibration.setter
@@ -142,7 +184,10 @@ class FingerprintModel:
     def model_id(self) -> str:
         """First 16 hex digits of a SHA-256 over the weights (float32, sorted names).
 
-        Cached until any tensor changes (in-place updates bump tensor versions).
+        Only the weights count (as the contract says), not the metadata. A checkpoint
+        saved with ``half=True`` loads with fp16-rounded weights and so has its own ID,
+        which stays the same on every later load and re-save. Cached until any tensor
+        changes (in-place updates bump tensor versions).
         """
         import torch
 
@@ -184,6 +229,7 @@ def save_checkpoint(model: FingerprintModel, path, half: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = dict(model.metadata)
     metadata["preprocessing"] = model.preprocessing.to_dict()
+    text = metadata_json(metadata)  # fails here, before any file is touched
     state = {}
     for name, tensor in model.network.state_dict().items():
         tensor = tensor.detach().to("cpu").clone()
@@ -193,7 +239,8 @@ def save_checkpoint(model: FingerprintModel, path, half: bool = False) -> Path:
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "metadata_json": json.dumps(metadata, sort_keys=True),
+        "metadata_json": text,
+        "metadata_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "weights_sha256": _weights_hash(state),
         "state_dict": state,
     }
@@ -248,8 +295,14 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise CheckpointError(path, f"checkpoint format version {version!r} is newer than this "
                                     f"software understands ({FORMAT_VERSION}); please upgrade")
+    text = payload.get("metadata_json")
+    recorded = payload.get("metadata_sha256")
+    # Older files of format 1 may lack the metadata hash; when present it must match.
+    if recorded is not None and (not isinstance(text, str)
+                                 or hashlib.sha256(text.encode("utf-8")).hexdigest() != recorded):
+        raise CheckpointError(path, "metadata does not match its recorded hash: the file was altered")
     try:
-        metadata = json.loads(payload["metadata_json"])
+        metadata = json.loads(text)
         arch = metadata["architecture"]
         preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
         spatial_dims, depth, dim = int(arch["spatial_dims"]), int(arch["depth"]), int(arch["embedding_dim"])
@@ -268,7 +321,9 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(path, f"weights do not fit a {spatial_dims}D ResNet-{depth} "
                                     f"with {dim}-d output: {first}") from None
-    network.to(device)
+    from .device import resolve_device
+
+    network.to(resolve_device(device)[0])
     network.eval()
     return FingerprintModel(network, preprocessing, metadata)
 

@@ -1,5 +1,6 @@
 """Network shapes, model IDs, checkpoint round trips and refusal of bad files."""
 
+import hashlib
 import json
 import os
 
@@ -179,6 +180,8 @@ def test_weights_not_matching_architecture_refused(tmp_path):
     meta = json.loads(payload["metadata_json"])
     meta["architecture"]["depth"] = 34  # claims a deeper network than the weights hold
     payload["metadata_json"] = json.dumps(meta)
+    # A consistently written but wrong file (hash recomputed), not a tampered one.
+    payload["metadata_sha256"] = hashlib.sha256(payload["metadata_json"].encode()).hexdigest()
     _write(path, payload)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(path)
@@ -198,3 +201,47 @@ def test_default_model_path(tmp_path, monkeypatch):
         assert "--model" in str(exc)
     else:
         assert path.name == "starter-2d-cxr.pt" and path.is_file()
+
+
+def test_tampered_metadata_refused(tmp_path):
+    path = save_checkpoint(_model2d(), tmp_path / "m.pt")
+    payload = _payload(path)
+    meta = json.loads(payload["metadata_json"])
+    meta["preprocessing"]["size"] = [64, 64]  # same weights, different inputs: must not pass
+    payload["metadata_json"] = json.dumps(meta)
+    _write(path, payload)
+    with pytest.raises(CheckpointError, match="metadata does not match"):
+        load_checkpoint(path)
+
+
+def test_half_checkpoint_has_a_stable_id(tmp_path):
+    m = _model2d()
+    first = load_checkpoint(save_checkpoint(m, tmp_path / "a.pt", half=True))
+    # fp16 rounding changes the weights, hence the ID; from then on it is fixed.
+    assert first.model_id != m.model_id
+    second = load_checkpoint(save_checkpoint(first, tmp_path / "b.pt", half=True))
+    third = load_checkpoint(save_checkpoint(second, tmp_path / "c.pt"))
+    assert first.model_id == second.model_id == third.model_id
+    assert load_checkpoint(tmp_path / "a.pt").model_id == first.model_id
+
+
+def test_metadata_objects_are_stored_as_json(tmp_path):
+    m = _model2d(modalities=("CR", "DX", "xray"))
+    assert m.modalities == ["xray"]  # one family, listed once
+    cal = Calibration(-6.0, 3.0, 0.5, 0.01, [[0.01, 0.5]])
+    m.metadata["calibration"] = cal  # an object rather than its dict
+    assert m.calibration == cal
+    m.metadata["metrics"] = {"hit_at_1": np.float32(0.75), "curve": np.arange(3)}
+    again = load_checkpoint(save_checkpoint(m, tmp_path / "m.pt"), device="auto")
+    assert again.calibration == cal
+    assert again.metadata["metrics"] == {"hit_at_1": 0.75, "curve": [0, 1, 2]}
+    m.metadata["training"] = {"bad": object()}
+    with pytest.raises(TypeError):
+        save_checkpoint(m, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_architecture_inferred_when_metadata_lacks_it():
+    net = build_network(2, depth=34, embedding_dim=8)
+    m = FingerprintModel(net, Preprocessing(2, (32, 32)), {})
+    assert (m.depth, m.spatial_dims, m.embedding_dim) == (34, 2, 8)

@@ -119,3 +119,24 @@ def test_dict_round_trip_is_json_able():
 def test_invalid_settings_rejected(kwargs):
     with pytest.raises(ValueError):
         Preprocessing(**kwargs)
+
+
+def test_non_finite_pixels_do_not_poison_the_output():
+    img = _phantom((40, 40))
+    bad = img.copy()
+    bad[0, :3] = [np.nan, np.inf, -np.inf]
+    out = Preprocessing(spatial_dims=2, size=(32, 32)).apply(_loaded(bad))
+    assert np.all(np.isfinite(out))
+    ref = Preprocessing(spatial_dims=2, size=(32, 32)).apply(_loaded(img))
+    assert np.median(np.abs(out - ref)) < 0.01
+
+
+def test_large_image_percentiles_on_a_grid_match_the_full_image():
+    from subject_fingerprint import preprocess
+
+    rng = np.random.default_rng(1)
+    big = rng.gamma(2.0, 300.0, size=(1500, 1400)).astype(np.float32)  # > 2**20 pixels
+    assert preprocess._grid_sample(big).size < big.size
+    full = np.percentile(big, (0.5, 99.5))
+    grid = np.percentile(preprocess._grid_sample(big), (0.5, 99.5))
+    np.testing.assert_allclose(grid, full, rtol=0.02)
