@@ -220,3 +220,19 @@ def test_dicomdir_alone_is_not_an_image(tmp_path):
     path = write_dicomdir(tmp_path / "DICOMDIR")
     with pytest.raises(ImageReadError, match="DICOMDIR"):
         read_image(path)
+
+
+def test_preamble_less_implicit_vr_file(tmp_path):
+    px = _ramp(12, (8, 8))
+    ds = pydicom.dcmread(write_xray(tmp_path / "a.dcm", px, bits=12))
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(tmp_path / "old", implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert (tmp_path / "old").read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(read_image(tmp_path / "old").array, px)
+
+
+def test_missing_patient_id_falls_back_to_folder(tmp_path):
+    write_xray(tmp_path / "case7" / "IM1", _ramp(12, (8, 8)), patient_id="", bits=12)
+    (record,) = discover([tmp_path]).records
+    assert record.subject_id == "case7"

@@ -86,7 +86,12 @@ def read_dataset(path, header_only: bool = False):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=header_only)
+            # Some old exports omit the 128-byte preamble; read those only when the file
+            # starts like a DICOM data set, so random files are still refused.
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only,
+                                 force=_looks_like_raw_dicom(path))
+        _ensure_transfer_syntax(ds)
+        return ds
     except InvalidDicomError as exc:
         raise ImageReadError(path, "not a DICOM file (no DICM preamble) and not a known image format") from exc
     except (EOFError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
@@ -95,14 +100,53 @@ def read_dataset(path, header_only: bool = False):
         raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
 
 
+def _ensure_transfer_syntax(ds):
+    """Files without meta information: record the encoding pydicom found, for the decoders."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        implicit, little = True, True
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def is_dicom_file(path) -> bool:
-    """True when the file starts with the DICOM preamble ("DICM" at byte 128)."""
+    """True for a DICOM file: "DICM" at byte 128, or a preamble-less data set."""
     try:
         with open(path, "rb") as handle:
             handle.seek(128)
-            return handle.read(4) == b"DICM"
+            if handle.read(4) == b"DICM":
+                return True
     except OSError:
         return False
+    return _looks_like_raw_dicom(path)
+
+
+# First tags of a preamble-less file: group 0002 (meta), 0008 (identification), little endian,
+# followed by an element number below 0x0100.
+_RAW_STARTS = (b"\x02\x00", b"\x08\x00")
+
+
+def _looks_like_raw_dicom(path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    if len(head) < 8 or head[128:132] == b"DICM":
+        return False
+    if head[:2] not in _RAW_STARTS or head[3] != 0:
+        return False
+    vr = head[4:6]
+    # Explicit VR (two capital letters) or implicit VR (a 4-byte length that fits the file).
+    return (vr.isalpha() and vr.isupper()) or int.from_bytes(head[4:8], "little") < 1 << 16
 
 
 def _first(ds, *names, default=None):

@@ -99,6 +99,9 @@ class _Walker:
         except Exception as exc:  # noqa: BLE001 - one odd file must not stop the walk
             self.found.failures.append(Failure.from_exception(path, exc))
             return
+        if not info.patient_id and root is not None:
+            # No PatientID: the folder layout is the best identity left.
+            info.patient_id = subject
         self.add_dicom(info, image_id)
 
     def add_dicom(self, info: DicomHeader, fallback_id: str):
