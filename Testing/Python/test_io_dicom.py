@@ -236,3 +236,28 @@ def test_missing_patient_id_falls_back_to_folder(tmp_path):
     write_xray(tmp_path / "case7" / "IM1", _ramp(12, (8, 8)), patient_id="", bits=12)
     (record,) = discover([tmp_path]).records
     assert record.subject_id == "case7"
+
+
+def test_two_echoes_in_one_series_become_two_volumes_and_localizers_are_skipped(tmp_path):
+    uid = pydicom.uid.generate_uid()
+    echo1 = RNG.integers(0, 1000, size=(4, 8, 8)).astype(np.int16)
+    echo2 = RNG.integers(0, 1000, size=(4, 8, 8)).astype(np.int16)
+    files1 = write_mr_series(tmp_path / "s", echo1, series_uid=uid, names="E1_{:03d}")
+    files2 = write_mr_series(tmp_path / "s", echo2, series_uid=uid, names="E2_{:03d}", seed=1)
+    for echo, files in ((1, files1), (2, files2)):
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.EchoNumbers = echo
+            ds.save_as(f)
+    scout = write_mr_series(tmp_path / "s", echo1[:1], series_uid=uid, names="LOC{:03d}")[0]
+    ds = pydicom.dcmread(scout)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.save_as(scout)
+    found = discover([tmp_path])
+    assert sorted(r.image_id for r in found.records) == sorted([uid, f"{uid}#2"])
+    volumes = sorted((load_image(r).array for r in found.records), key=lambda a: float(a.sum()))
+    expected = sorted((echo1, echo2), key=lambda a: float(a.sum()))
+    for got, want in zip(volumes, expected):
+        np.testing.assert_array_equal(got, want)
+    assert [s.path for s in found.skipped] == [str(scout)]
