@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -93,7 +92,8 @@ def read_dataset(path, header_only: bool = False):
         _ensure_transfer_syntax(ds)
         return ds
     except InvalidDicomError as exc:
-        raise ImageReadError(path, "not a DICOM file (no DICM preamble) and not a known image format") from exc
+        raise ImageReadError(
+            path, "not a DICOM file (no DICM preamble) and not a known image format") from exc
     except (EOFError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
         raise ImageReadError(path, f"damaged or truncated DICOM file ({exc})") from exc
     except OSError as exc:
@@ -308,7 +308,8 @@ def _decode(ds, path) -> np.ndarray:
         try:
             decoder = get_decoder(tsyntax)
         except NotImplementedError:
-            raise ImageReadError(path, f"unsupported transfer syntax {ts_label}: pydicom has no decoder for it")
+            raise ImageReadError(
+                path, f"unsupported transfer syntax {ts_label}: pydicom has no decoder for it")
         if not decoder.is_available:
             raise ImageReadError(
                 path, f"unsupported transfer syntax {ts_label}: no installed decoder plugin "
@@ -478,8 +479,9 @@ def read_enhanced(path):
         orients.append(_floats(plane.get("ImageOrientationPatient") if plane is not None else None, 6))
         positions.append(_floats(where.get("ImagePositionPatient") if where is not None else None, 3))
         scale = _functional_item(ds, i, "PixelValueTransformationSequence")
-        slope = float(scale.get("RescaleSlope", 1.0) if scale is not None else ds.get("RescaleSlope", 1.0))
-        inter = float(scale.get("RescaleIntercept", 0.0) if scale is not None else ds.get("RescaleIntercept", 0.0))
+        source = scale if scale is not None else ds
+        slope = float(source.get("RescaleSlope", 1.0))
+        inter = float(source.get("RescaleIntercept", 0.0))
         data.append(arr[i].astype(np.float32) * slope + inter)
     if not all(orients) or not all(positions):
         raise ImageReadError(path, "multi-frame file lacks per-frame plane position/orientation; "

@@ -6,7 +6,6 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import ImageReadError
 from ..records import ImageRecord, LoadedImage

@@ -34,8 +34,9 @@ def read_volume_file(path):
     except RuntimeError as exc:
         # ITK's messages are long; keep the line that says what went wrong.
         detail = " ".join(str(exc).split())
-        detail = detail.split("ERROR:", 1)[-1].strip().replace(f' for "{path}"', "").replace(f'"{path}"', "").strip()
-        raise ImageReadError(path, f"cannot read volume file, unknown format or damaged ({detail[:300]})") from exc
+        detail = detail.split("ERROR:", 1)[-1].replace(f' for "{path}"', "").replace(f'"{path}"', "")
+        raise ImageReadError(
+            path, f"cannot read volume file, unknown format or damaged ({detail.strip()[:300]})") from exc
     if image.GetNumberOfComponentsPerPixel() > 1:
         if image.GetNumberOfComponentsPerPixel() in (3, 4):
             channels = [sitk.VectorIndexSelectionCast(image, i, sitk.sitkFloat32) for i in range(3)]
