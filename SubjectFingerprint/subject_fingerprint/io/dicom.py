@@ -355,7 +355,7 @@ def read_projection(path) -> Tuple[np.ndarray, Tuple[float, float], object]:
     """A 2D DICOM image (CR/DX/DR, single MR slice, ...) as float32 with bone bright.
 
     Applies the Modality LUT (or rescale), then for projection images the VOI LUT or window,
-    then inverts MONOCHROME1. Returns (array, (row, col) spacing, dataset without pixels).
+    then inverts MONOCHROME1. Returns (array, (row, col) spacing, the dataset).
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -376,7 +376,10 @@ def read_projection(path) -> Tuple[np.ndarray, Tuple[float, float], object]:
         arr = apply_modality_lut(arr, ds)
         if modality not in VOLUME_MODALITIES:
             # The VOI transform chooses what a reader is meant to see; MR/CT keep raw values.
-            arr = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
+            try:
+                arr = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+                pass   # a malformed window/LUT (e.g. width 0): the modality values are still right
         arr = np.asarray(arr, dtype=np.float64)
         if photometric == "MONOCHROME1":
             # Same range, flipped: low values (bone in MONOCHROME1) become high.
