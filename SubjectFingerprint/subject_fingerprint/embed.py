@@ -94,7 +94,13 @@ class Embedder:
     """
 
     def __init__(self, model, device="auto", batch_size: int = 16, num_workers: int = 0,
-                 loader=None, progress: bool = False):
+                 loader=None, progress: bool = True, amp: bool = True, channels_last: bool = False):
+        """``loader(record) -> LoadedImage`` defaults to ``subject_fingerprint.io.load_image``
+        (tests inject their own). ``amp`` allows float16 autocast on CUDA (never used on
+        the CPU, where it is slower); ``channels_last`` stores activations NHWC/NDHWC,
+        which some CPUs and GPUs run faster (see Testing/benchmark_inference.py)."""
+        import torch
+
         from .device import resolve_device
 
         self.model = model
@@ -103,7 +109,15 @@ class Embedder:
         self.num_workers = max(0, int(num_workers))
         self.loader = loader
         self.progress = progress
+        self.amp = bool(amp)
+        self.memory_format = None
+        if channels_last:
+            self.memory_format = (torch.channels_last if model.spatial_dims == 2
+                                  else torch.channels_last_3d)
+        # The Embedder owns the network from here on: on its device, in eval mode.
         self.network = model.network.to(self.device).eval()
+        if self.memory_format is not None:
+            self.network = self.network.to(memory_format=self.memory_format)
 
     @property
     def embedding_dim(self) -> int:
@@ -115,7 +129,7 @@ class Embedder:
     def _autocast(self):
         import torch
 
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.amp:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
@@ -123,8 +137,11 @@ class Embedder:
         """Embed a ready batch ``(B, 1, *size)``; returns a float32 CPU tensor ``(B, D)``."""
         import torch
 
+        x = x.to(self.device, non_blocking=True)
+        if self.memory_format is not None:
+            x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), self._autocast():
-            out = self.network(x.to(self.device, non_blocking=True))
+            out = self.network(x)
         return out.float().cpu()
 
     def iter_batches(self, records):
@@ -152,7 +169,10 @@ class Embedder:
             yield EmbeddedBatch(batch["records"], batch["hashes"], embeddings, batch["failures"])
 
     def embed_records(self, records, progress=None) -> EmbeddedBatch:
-        """Embed every record; one ``EmbeddedBatch`` with everything that worked."""
+        """Embed every record; one ``EmbeddedBatch`` with everything that worked.
+
+        ``progress`` (default: the constructor's, True) shows a tqdm bar in images/s.
+        """
         records = list(records)
         show = self.progress if progress is None else progress
         bar = None

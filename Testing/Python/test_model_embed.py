@@ -122,3 +122,20 @@ def test_embed_tensor_and_device_notice(model2d):
         assert embedder.device.type == "cpu" and "CUDA is not available" in embedder.device_notice
     out = embedder.embed_tensor(torch.zeros(2, 1, 32, 32))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 16) and out.dtype == torch.float32
+
+
+def test_channels_last_gives_the_same_embeddings(model2d):
+    images = list(_images(2).values())
+    plain = Embedder(model2d, device="cpu").embed_loaded(images)
+    fast = Embedder(model2d, device="cpu", channels_last=True).embed_loaded(images)
+    model2d.network.to(memory_format=torch.contiguous_format)  # leave the shared model as it was
+    np.testing.assert_allclose(plain, fast, atol=1e-4)
+
+
+def test_progress_bar_counts_images(model2d, capsys):
+    images = _images(3)
+    embedder = Embedder(model2d, device="cpu", batch_size=2, loader=_loader(images, broken={"/img/1.png"}))
+    result = embedder.embed_records([im.record for im in images.values()])  # progress on by default
+    assert len(result) == 2 and len(result.failures) == 1
+    err = capsys.readouterr().err
+    assert "3/3" in err and "img/s" in err
