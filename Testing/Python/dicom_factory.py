@@ -18,9 +18,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID,
-                         RLELossless, generate_uid)
+from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
+                         PYDICOM_IMPLEMENTATION_UID, RLELossless, generate_uid)
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -84,6 +85,21 @@ def _save(ds: Dataset, path, transfer_syntax) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         ds.file_meta.TransferSyntaxUID = transfer_syntax
+    elif transfer_syntax == JPEGBaseline8Bit:
+        # No JPEG encoder ships with pydicom's plugins: encode with Pillow and encapsulate.
+        import io
+
+        from PIL import Image
+
+        if ds.BitsAllocated != 8 or ds.SamplesPerPixel != 1 or "NumberOfFrames" in ds:
+            raise ValueError("JPEG baseline here supports single-frame 8-bit grey only")
+        pixels = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.LossyImageCompression = "01"
     else:
         # pydicom encodes RLE itself; JPEG 2000 / JPEG-LS need pylibjpeg-openjpeg / pyjpegls.
         ds.compress(transfer_syntax)
@@ -100,6 +116,10 @@ def write_xray(path, pixels, patient_id: str = "P1", photometric: str = "MONOCHR
                study_uid: Optional[str] = None, transfer_syntax=ExplicitVRLittleEndian,
                multiframe: bool = False) -> Path:
     """Write a single-frame projection X-ray; ``pixels`` are stored values (rows, cols).
+
+    ``transfer_syntax``: uncompressed (default), ``RLELossless`` (pydicom's encoder),
+    ``JPEG2000Lossless`` (needs pylibjpeg-openjpeg) or ``JPEGBaseline8Bit`` (8-bit only,
+    encoded with Pillow).
 
     ``rescale=(slope, intercept)``, ``window=(center, width)``; ``voi_lut`` a list of output
     values for stored values 0..len-1; ``multiframe`` writes NumberOfFrames = 1.
@@ -250,4 +270,4 @@ def write_dicomdir(path) -> Path:
 
 
 __all__ = ["write_xray", "write_mr_series", "write_enhanced_mr", "write_non_image",
-           "write_dicomdir", "RLELossless", "ExplicitVRLittleEndian", "ImplicitVRLittleEndian"]
+           "write_dicomdir", "RLELossless", "JPEGBaseline8Bit", "ExplicitVRLittleEndian", "ImplicitVRLittleEndian"]

@@ -106,6 +106,20 @@ def test_jpeg2000_lossless_decodes(tmp_path):
     np.testing.assert_array_equal(read_image(path).array, px)
 
 
+def test_jpeg_baseline_decodes_with_installed_plugin(tmp_path):
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGBaseline8Bit
+
+    if not get_decoder(JPEGBaseline8Bit).is_available:
+        pytest.skip("no JPEG baseline decoder plugin (pylibjpeg-libjpeg) installed")
+    px = np.kron(RNG.integers(0, 256, (4, 4)), np.ones((8, 8))).astype(np.uint8)
+    path = write_xray(tmp_path / "j.dcm", px, bits=8, transfer_syntax=JPEGBaseline8Bit)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    img = read_image(path)
+    assert img.array.shape == px.shape
+    assert np.abs(img.array - px).mean() < 3        # lossy, but the same picture
+
+
 def test_unsupported_transfer_syntax_names_it(tmp_path):
     path = write_xray(tmp_path / "a.dcm", _ramp(12), bits=12)
     ds = pydicom.dcmread(path)
