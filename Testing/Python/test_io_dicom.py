@@ -275,3 +275,14 @@ def test_two_echoes_in_one_series_become_two_volumes_and_localizers_are_skipped(
     for got, want in zip(volumes, expected):
         np.testing.assert_array_equal(got, want)
     assert [s.path for s in found.skipped] == [str(scout)]
+
+
+def test_rgb_secondary_capture_becomes_luminance(tmp_path):
+    path = write_xray(tmp_path / "sc.dcm", _ramp(8, (6, 7)), bits=8, modality="OT")
+    rgb = RNG.integers(0, 256, (6, 7, 3)).astype(np.uint8)
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(path)
+    expected = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    np.testing.assert_allclose(read_image(path).array, expected, rtol=1e-5)
