@@ -20,7 +20,7 @@ def _png_folder(root, n_subjects=8, per_subject=3, singles=2):
         for i in range(per_subject if s < n_subjects else 1):
             img = np.kron(base, np.ones((4, 4))) + rng.normal(0, 10, (32, 32))
             name = f"img/s{s}_{i}.png"
-            (root / "img").mkdir(exist_ok=True)
+            (root / "img").mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name)
             lines.append(f"p{s},{name},CXR")
     (root / "manifest.csv").write_text("\n".join(lines) + "\n")
