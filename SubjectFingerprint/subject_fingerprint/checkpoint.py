@@ -41,6 +41,8 @@ def check_image_fits(loaded, spatial_dims: int, modalities=()) -> None:
     """
     source = getattr(getattr(loaded, "record", None), "source", "") or "the image"
     ndim = loaded.array.ndim
+    if ndim == 3 and loaded.array.shape[0] == 1:
+        ndim = 2  # a single-slice volume is a 2D image
     if ndim != spatial_dims:
         want = {2: "2D images", 3: "3D volumes"}.get(spatial_dims, f"{spatial_dims}D images")
         have = {2: "a 2D image", 3: "a 3D volume"}.get(ndim, f"a {ndim}-dimensional array")

@@ -101,6 +101,11 @@ class Preprocessing:
     def apply(self, loaded) -> np.ndarray:
         """Return the network input for one ``LoadedImage``: float32, shape ``(1, *size)``."""
         array = np.asarray(loaded.array)
+        spacing_in = getattr(loaded, "spacing", None)
+        if self.spatial_dims == 2 and array.ndim == 3 and array.shape[0] == 1:
+            # A single-slice volume is a 2D image (readers squeeze it; be lenient anyway).
+            array = array[0]
+            spacing_in = tuple(spacing_in)[1:] if spacing_in is not None and len(spacing_in) == 3 else None
         if array.ndim != self.spatial_dims:
             kind = {2: "2D images", 3: "3D volumes"}.get(self.spatial_dims)
             have = {2: "a 2D image", 3: "a 3D volume"}.get(array.ndim, f"a {array.ndim}-dimensional array")
@@ -108,7 +113,7 @@ class Preprocessing:
         if min(array.shape) < 1:
             raise ValueError(f"{_describe(loaded)} has no pixels (shape {array.shape})")
         array = _finite(np.asarray(array, dtype=np.float32))
-        spacing = _spacing_of(loaded, array.ndim)
+        spacing = _spacing_of(spacing_in, array.ndim)
 
         if self.spacing is not None:
             shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(array.shape, spacing, self.spacing))
@@ -164,8 +169,7 @@ def _finite(array: np.ndarray) -> np.ndarray:
     return np.where(finite, array, np.float32(low)).astype(np.float32)
 
 
-def _spacing_of(loaded, ndim: int) -> tuple:
-    spacing = getattr(loaded, "spacing", None)
+def _spacing_of(spacing, ndim: int) -> tuple:
     try:
         values = tuple(float(s) for s in spacing)
     except TypeError:

@@ -140,3 +140,11 @@ def test_large_image_percentiles_on_a_grid_match_the_full_image():
     full = np.percentile(big, (0.5, 99.5))
     grid = np.percentile(preprocess._grid_sample(big), (0.5, 99.5))
     np.testing.assert_allclose(grid, full, rtol=0.02)
+
+
+def test_single_slice_volume_counts_as_2d():
+    img = _phantom((40, 30))
+    p = Preprocessing(spatial_dims=2, size=(32, 32))
+    flat = p.apply(_loaded(img, spacing=(0.5, 1.0)))
+    one_slice = p.apply(_loaded(img[None], spacing=(3.0, 0.5, 1.0)))
+    assert np.array_equal(flat, one_slice)
