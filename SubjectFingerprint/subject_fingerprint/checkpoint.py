@@ -219,6 +219,20 @@ class FingerprintModel:
                 f"dim={a.get('embedding_dim')}, id={self.model_id})")
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(model: FingerprintModel, path, half: bool = False) -> Path:
     """Write ``model`` to ``path`` atomically (a temporary file beside it, then rename).
 
@@ -248,15 +262,15 @@ def save_checkpoint(model: FingerprintModel, path, half: bool = False) -> Path:
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
-        # mkstemp makes the file private (0600); give it the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp makes the file private (0600); a model is meant to be shared. (Reading
+        # the umask would mean setting it, which is not thread-safe.)
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -294,8 +308,10 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
         raise CheckpointError(path, "not a SubjectFingerprint checkpoint (no format marker; "
                                     "a bare state_dict or another tool's file?)")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise CheckpointError(path, f"checkpoint format version {version!r} is newer than this "
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(path, f"damaged checkpoint: invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(path, f"checkpoint format version {version} is newer than this "
                                     f"software understands ({FORMAT_VERSION}); please upgrade")
     text = payload.get("metadata_json")
     recorded = payload.get("metadata_sha256")
