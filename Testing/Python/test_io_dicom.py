@@ -246,10 +246,15 @@ def test_preamble_less_implicit_vr_file(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "old").array, px)
 
 
-def test_missing_patient_id_falls_back_to_folder(tmp_path):
-    write_xray(tmp_path / "case7" / "IM1", _ramp(12, (8, 8)), patient_id="", bits=12)
-    (record,) = discover([tmp_path]).records
-    assert record.subject_id == "case7"
+def test_missing_patient_id_is_a_failure_but_still_reads_as_a_query(tmp_path):
+    px = _ramp(12, (8, 8))
+    path = write_xray(tmp_path / "DICOM" / "IM1", px, patient_id="", bits=12)
+    found = discover([tmp_path])
+    assert not found.records
+    assert [f.path for f in found.failures] == [str(path)]
+    assert "no PatientID" in found.failures[0].reason
+    # A query image needs no subject.
+    np.testing.assert_array_equal(read_image(path).array, px)
 
 
 def test_two_echoes_in_one_series_become_two_volumes_and_localizers_are_skipped(tmp_path):

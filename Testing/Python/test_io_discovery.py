@@ -165,3 +165,21 @@ def test_shared_brain_mri_volume_in_lps(shared_data):
     np.testing.assert_allclose(img.array, expected)
     assert img.spacing == pytest.approx(tuple(float(z) for z in ras.header.get_zooms()[::-1]), rel=1e-4)
     assert max(img.spacing) > 3.0 > min(img.spacing)   # about 0.9 x 0.9 x 5.5 mm
+
+
+def test_dataset_defaults_to_the_source_folder_name(tmp_path):
+    _png(tmp_path / "site-a" / "s1" / "a.png", 1)
+    lone = _png(tmp_path / "loose" / "x.png", 2)
+    found = discover([tmp_path / "site-a", lone])
+    assert [(r.dataset, r.subject_id, r.image_id) for r in found.records] == [
+        ("site-a", "s1", "s1/a.png"), ("loose", "x", "x.png")]
+    assert {r.dataset for r in discover([tmp_path / "site-a"], dataset="given").records} == {"given"}
+
+
+def test_read_image_on_a_folder_of_two_series_lists_them(tmp_path):
+    vol = RNG.integers(0, 1000, size=(3, 8, 8)).astype(np.int16)
+    write_mr_series(tmp_path / "a", vol, series_uid="1.2.3.1")
+    write_mr_series(tmp_path / "b", vol, series_uid="1.2.3.2", names="B{:04d}")
+    with pytest.raises(ImageReadError, match=r"2 DICOM series: 1\.2\.3\.1 .*1\.2\.3\.2"):
+        read_image(tmp_path)
+    assert read_image(tmp_path / "a").array.shape == (3, 8, 8)

@@ -64,8 +64,11 @@ def _ignored(name: str) -> bool:
 class _Walker:
     """Collects records from many sources; DICOM series are grouped across all of them."""
 
-    def __init__(self, dataset: str):
+    def __init__(self, dataset: str, require_subject: bool = True):
+        self.given_dataset = dataset
         self.dataset = dataset
+        # read_image reads query images, which need no subject; discover insists on one.
+        self.require_subject = require_subject
         self.found = Discovery()
         self.seen = set()
         # Ordered entries: ("record", ImageRecord) or ("series", key); series filled in later.
@@ -85,7 +88,9 @@ class _Walker:
             # Folder-per-subject: the first-level folder; a file at the top is its own subject.
             subject = rel.parts[0] if len(rel.parts) > 1 else _stem(rel.name)
         else:
-            image_id, subject = path.name, ""
+            # A lone file: its name is its image ID; its stem, as at the top of a folder,
+            # its subject (a manifest gives a real one).
+            image_id, subject = path.name, _stem(path.name)
         if is_raster_file(path) or is_volume_file(path):
             self.entries.append(("record", ImageRecord(
                 source=str(path), subject_id=subject, image_id=image_id,
@@ -99,9 +104,13 @@ class _Walker:
         except Exception as exc:  # noqa: BLE001 - one odd file must not stop the walk
             self.found.failures.append(Failure.from_exception(path, exc))
             return
-        if not info.patient_id and root is not None:
-            # No PatientID: the folder layout is the best identity left.
-            info.patient_id = subject
+        if not info.patient_id and not info.skip_reason and self.require_subject:
+            # Guessing a subject from folder names could merge patients (a PACS export puts
+            # everyone under one "DICOM" folder): refuse, and say how to give one.
+            self.found.failures.append(Failure(
+                str(path), "no PatientID in the DICOM header; list the file in a manifest "
+                           "(subject_id,image_path) to give its subject"))
+            return
         self.add_dicom(info, image_id)
 
     def add_dicom(self, info: DicomHeader, fallback_id: str):
@@ -109,7 +118,7 @@ class _Walker:
             self.found.skipped.append(Failure(info.path, info.skip_reason))
             return
         if info.is_slice:
-            key = info.series_uid or f"folder:{os.path.dirname(info.path)}"
+            key = (self.dataset, info.series_uid or f"folder:{os.path.dirname(info.path)}")
             if key not in self.series:
                 self.series[key] = []
                 self.entries.append(("series", key))
@@ -128,6 +137,7 @@ class _Walker:
 
     # -- folders -----------------------------------------------------------------------
     def add_folder(self, folder: Path):
+        self.dataset_for(folder)
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
@@ -138,7 +148,12 @@ class _Walker:
                     continue
                 self.add_file(Path(root) / name, folder)
 
+    def dataset_for(self, folder: Path):
+        """Dataset name of the next source: the one given, else the source folder's name."""
+        self.dataset = self.given_dataset or Path(os.path.abspath(folder)).name
+
     def add_manifest(self, manifest: Path):
+        self.dataset_for(manifest.parent)
         records, failures = read_manifest(manifest, dataset=self.dataset)
         self.found.failures.extend(failures)
         for record in records:
@@ -159,12 +174,12 @@ class _Walker:
             for k, stack in enumerate(stacks):
                 first = stack[0]
                 files = tuple(h.path for h in stack)
-                series_id = first.series_uid or item
+                series_id = first.series_uid or item[1]
                 self.found.records.append(ImageRecord(
                     source=os.path.commonpath(files) if len(files) > 1 else files[0],
                     subject_id=first.patient_id,
                     image_id=series_id if k == 0 else f"{series_id}#{k + 1}",
-                    modality=first.modality, view=first.view, dataset=self.dataset, files=files))
+                    modality=first.modality, view=first.view, dataset=item[0], files=files))
         return self.found
 
 
@@ -189,17 +204,22 @@ def _fill_from_header(record: ImageRecord) -> ImageRecord:
 
 
 def discover(sources: Union[Source, Iterable[Source]], manifest: Optional[Source] = None,
-             dataset: str = "") -> Discovery:
+             dataset: str = "", require_subject: bool = True) -> Discovery:
     """Find every image under ``sources`` with its subject, image ID, modality and view.
 
     ``sources``: files and folders (one path or a list). A folder with a ``manifest.csv`` at
     its top is read through the manifest; any other folder is walked (folder-per-subject
     layout for raster/volume files, PatientID/series UIDs for DICOM). With ``manifest``
     given, the images it lists are the result and ``sources`` are not walked.
+
+    ``dataset``: name stored with every record; by default the name of each source folder
+    (a file's own folder, a manifest's folder). Records come in a fixed order: sources as
+    given, files sorted within each. A DICOM image without PatientID is a failure unless
+    ``require_subject`` is false (as for query images).
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    walker = _Walker(dataset)
+    walker = _Walker(dataset, require_subject=require_subject)
     if manifest:
         walker.add_manifest(Path(manifest))
         return walker.finish()
@@ -215,5 +235,6 @@ def discover(sources: Union[Source, Iterable[Source]], manifest: Optional[Source
         elif path.name.lower().endswith(".csv"):
             walker.add_manifest(path)
         else:
+            walker.dataset_for(path.parent)
             walker.add_file(path, None)
     return walker.finish()

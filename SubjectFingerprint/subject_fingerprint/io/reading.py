@@ -87,14 +87,18 @@ def read_image(path, subject_id: str = "", modality: str = "") -> LoadedImage:
     path = Path(path)
     if not path.exists():
         raise ImageReadError(path, "file not found")
-    found = discover([path])
+    found = discover([path], require_subject=False)
     if not found.records:
         reason = found.failures[0].reason if found.failures else (
             found.skipped[0].reason if found.skipped else "no image found")
         raise ImageReadError(path, reason)
     if len(found.records) > 1:
-        raise ImageReadError(path, f"holds {len(found.records)} images; give one image file "
-                                   "or one DICOM series folder")
+        listed = [f"{r.image_id} ({r.modality or '?'}, {len(r.files)} file(s))"
+                  for r in found.records[:5]]
+        more = f", and {len(found.records) - 5} more" if len(found.records) > 5 else ""
+        kind = "DICOM series" if all(len(r.files) > 1 for r in found.records) else "images"
+        raise ImageReadError(path, f"holds {len(found.records)} {kind}: {'; '.join(listed)}{more}; "
+                                   "give one image file or one DICOM series folder")
     record = found.records[0]
     changes = {}
     if subject_id:
