@@ -1,9 +1,11 @@
 """Build the small sample data committed under Resources/SampleData/ from ../shared/data.
 
 - ``cxr/``: 40 chest X-rays (64x64 PNG, copied byte for byte) of 12 ChestX-ray14 patients
-  with 2 or more images each, all from the *test* split of
-  Resources/Splits/cxr14-subset-64px-seed42.json (so a model trained on that split never saw
-  them), with a ``manifest.csv`` in the shared data's format.
+  with 2 or more images each, all from the *train* split of
+  Resources/Splits/cxr14-subset-64px-seed42.json, with a ``manifest.csv`` in the shared
+  data's format. Train-split patients keep this folder apart from the demo exports
+  (``make_demo_exports.py``), which are built from the test split: the two never share a
+  patient, and the sample can stand in for training data in quick tests.
 - ``mri/``: 3 brain MRI subjects, FLAIR and T1CE each, resampled to about 5 mm voxels
   (around 48^3) with anti-aliasing, float32 ``.nii.gz``, with a ``manifest.csv``. Each
   volume keeps its orientation (direction), its physical extent and centre, so the two
@@ -53,13 +55,13 @@ def _write_manifest(path: Path, rows):
 
 
 def make_cxr(shared: Path, out: Path):
-    """Copy 40 images of 12 test-split subjects (2 to 6 images each)."""
+    """Copy 40 images of 12 train-split subjects (2 to 6 images each)."""
     src = shared / "cxr14-subset-64px"
     rows = _read_manifest(src / "manifest.csv")
-    test_subjects = set(json.loads(SPLIT.read_text())["test"])
+    train_subjects = set(json.loads(SPLIT.read_text())["train"])
     by_subject = defaultdict(list)
     for row in rows:
-        if row["subject_id"] in test_subjects:
+        if row["subject_id"] in train_subjects:
             by_subject[row["subject_id"]].append(row)
     candidates = sorted(s for s, r in by_subject.items() if len(r) >= 2)
     rng = np.random.default_rng(2026)

@@ -23,6 +23,19 @@ def test_sample_cxr(sample_data):
     assert img.array.shape == (64, 64) and img.array.max() > img.array.min()
 
 
+def test_sample_cxr_patients_are_train_split_and_apart_from_the_exports(sample_data, repo_root):
+    import json
+
+    split = json.loads((repo_root / "Resources" / "Splits" / "cxr14-subset-64px-seed42.json").read_text())
+    with open(sample_data / "cxr" / "manifest.csv", newline="") as handle:
+        subjects = {row["subject_id"] for row in csv.DictReader(handle)}
+    assert subjects and subjects <= set(split["train"])
+    planted = sample_data / "exports" / "planted.json"
+    if planted.is_file():
+        shared = {s["nih_subject"] for s in json.loads(planted.read_text())["shared_subjects"]}
+        assert not subjects & shared
+
+
 def test_sample_mri(sample_data):
     found = discover([sample_data / "mri"])
     assert not found.failures and len(found.records) == 6
