@@ -114,8 +114,11 @@ def write_xray(path, pixels, patient_id: str = "P1", photometric: str = "MONOCHR
                pixel_spacing: Optional[Tuple[float, float]] = (0.2, 0.2), modality: str = "DX",
                view: str = "PA", sop_uid: Optional[str] = None, series_uid: Optional[str] = None,
                study_uid: Optional[str] = None, transfer_syntax=ExplicitVRLittleEndian,
-               multiframe: bool = False) -> Path:
+               multiframe: bool = False, bits_stored: Optional[int] = None) -> Path:
     """Write a single-frame projection X-ray; ``pixels`` are stored values (rows, cols).
+
+    ``bits`` (or its alias ``bits_stored``) is BitsStored: 8 gives 8-bit storage, anything
+    else 16-bit words with that many bits used.
 
     ``transfer_syntax``: uncompressed (default), ``RLELossless`` (pydicom's encoder),
     ``JPEG2000Lossless`` (needs pylibjpeg-openjpeg) or ``JPEGBaseline8Bit`` (8-bit only,
@@ -124,6 +127,8 @@ def write_xray(path, pixels, patient_id: str = "P1", photometric: str = "MONOCHR
     ``rescale=(slope, intercept)``, ``window=(center, width)``; ``voi_lut`` a list of output
     values for stored values 0..len-1; ``multiframe`` writes NumberOfFrames = 1.
     """
+    if bits_stored is not None:
+        bits = int(bits_stored)
     sop_class = _SOP_FOR_MODALITY.get(modality, DX_STORAGE)
     ds = _base(sop_class, sop_uid, patient_id, modality, study_uid, series_uid)
     if view:
@@ -249,6 +254,11 @@ def write_non_image(path, kind: str = "SR", patient_id: str = "P1") -> Path:
     return _save(ds, path, ExplicitVRLittleEndian)
 
 
+def write_sr(path, patient_id: str = "P1") -> Path:
+    """Write a basic text structured report (a DICOM object without pixels)."""
+    return write_non_image(path, "SR", patient_id=patient_id)
+
+
 def write_dicomdir(path) -> Path:
     """Write a minimal DICOMDIR (Media Storage Directory) index with no records."""
     meta = FileMetaDataset()
@@ -269,5 +279,5 @@ def write_dicomdir(path) -> Path:
     return path
 
 
-__all__ = ["write_xray", "write_mr_series", "write_enhanced_mr", "write_non_image",
+__all__ = ["write_xray", "write_mr_series", "write_enhanced_mr", "write_non_image", "write_sr",
            "write_dicomdir", "RLELossless", "JPEGBaseline8Bit", "ExplicitVRLittleEndian", "ImplicitVRLittleEndian"]

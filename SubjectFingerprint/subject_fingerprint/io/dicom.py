@@ -190,7 +190,7 @@ def header_info(path) -> DicomHeader:
         return info
     if sop_class.startswith(_NON_IMAGE_SOP_PREFIXES) and sop_class != _SEGMENTATION_SOP \
             and sop_class != "1.2.840.10008.5.1.4.1.1.481.2":   # RT dose is an image grid
-        info.skip_reason = f"not an image (SOP class {_sop_name(sop_class)})"
+        info.skip_reason = f"not an image: {_sop_name(sop_class)} object has no pixel data"
         return info
     if sop_class == _SEGMENTATION_SOP:
         info.skip_reason = "segmentation object, not an image"
