@@ -298,8 +298,16 @@ class Trainer:
         n_way = self.val_n_way()
         if not n_way:
             return None
-        emb = self.embed(self.val_set.images)
         groups = self.val_set.groups if self.cfg.cross_modal else None
+        if groups is not None:
+            try:  # cross-modal episodes need K supports of another modality than the query
+                from .metrics import eligible_subjects as cross_eligible
+                n_way = min(n_way, len(cross_eligible(self.val_set.labels, self.cfg.val_k_shot, groups)))
+            except ImportError:
+                pass
+            if n_way < 2:
+                return None
+        emb = self.embed(self.val_set.images)
         return _nway_kshot()(emb, self.val_set.labels, n_way=n_way, k_shot=self.cfg.val_k_shot,
                              episodes=self.cfg.val_episodes, seed=0, groups=groups)
 
