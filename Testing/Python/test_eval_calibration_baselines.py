@@ -89,6 +89,23 @@ def test_ssim_identical_zero_and_matches_skimage():
     assert s(1, [0])[0] == s.pair(0, 1)          # symmetric, cached
     assert s.pairs_computed == 2
     assert s.block([0]).shape == (1, 4)
+    # Batched path equals skimage on every pair.
+    for j in (1, 3):
+        ref = 1 - structural_similarity(s.images[2], s.images[j], data_range=1.0)
+        assert s.distances(2, [j])[0] == pytest.approx(ref, abs=1e-10)
+
+
+def test_ssim_3d_matches_skimage():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(1)
+    vol = rng.random((3, 1, 9, 10, 11))
+    s = B.SSIMDistance(vol, size=0)
+    d = s.block([0])[0]
+    assert d[0] == 0.0
+    for j in (1, 2):
+        assert d[j] == pytest.approx(1 - structural_similarity(vol[0, 0], vol[j, 0], data_range=1.0),
+                                     abs=1e-10)
 
 
 def test_ssim_default_size_is_256():

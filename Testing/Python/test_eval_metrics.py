@@ -198,3 +198,18 @@ def test_cosine_distance():
     assert d[0].tolist() == pytest.approx([0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="unknown distance"):
         M.pairwise_distances([[1]], [[1]], "manhattan")
+
+
+def test_weighted_auc_equals_sklearn_on_resamples():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    pos = np.round(rng.normal(1, 1, 40), 1)   # rounding makes ties
+    neg = np.round(rng.normal(2, 1, 60), 1)
+    y, group, n_groups = M._auc_groups(pos, neg)
+    s = -np.concatenate([pos, neg])
+    for _ in range(5):
+        idx = rng.integers(0, len(y), len(y))
+        w = np.bincount(idx, minlength=len(y)).astype(float)
+        assert M._weighted_auc(y, group, n_groups, w) == pytest.approx(roc_auc_score(y[idx], s[idx]))
+    assert M._weighted_auc(y, group, n_groups, np.ones(len(y))) == pytest.approx(M.roc_auc(pos, neg))
