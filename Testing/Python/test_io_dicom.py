@@ -133,6 +133,16 @@ def test_unsupported_transfer_syntax_names_it(tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_damaged_compressed_pixels_name_the_transfer_syntax(tmp_path):
+    path = write_xray(tmp_path / "a.dcm", _ramp(12), bits=12, transfer_syntax=RLELossless)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate([b"\x01" * 70])     # not a valid RLE frame
+    ds.save_as(path)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "RLE Lossless" in err.value.reason and err.value.path == str(path)
+
+
 @pytest.mark.parametrize("kind, expected", [
     ("empty", "empty file"), ("random", "not a DICOM file"), ("truncated", "truncated"),
     ("sr", "not an image"), ("header_only", "truncated")])

@@ -303,6 +303,7 @@ def _decode(ds, path) -> np.ndarray:
         raise ImageReadError(path, "DICOM file has no pixel data")
     meta = getattr(ds, "file_meta", None)
     tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    ts_label = ""
     if tsyntax is not None:
         ts_label = f"{tsyntax.name} ({tsyntax})" if tsyntax.name != str(tsyntax) else str(tsyntax)
         try:
@@ -321,7 +322,17 @@ def _decode(ds, path) -> np.ndarray:
     except ImageReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - decoders raise anything; all mean "cannot decode"
-        raise ImageReadError(path, f"cannot decode pixel data, damaged or truncated ({exc})") from exc
+        # Plugin errors run over many lines (one per plugin tried): keep them short.
+        detail = " ".join(str(exc).split())[:300]
+        compressed = tsyntax is not None and getattr(tsyntax, "is_compressed", False)
+        if compressed:
+            reason = (f"cannot decode pixel data in transfer syntax {ts_label}, damaged, "
+                      f"truncated or not supported by the installed decoders ({detail})")
+        elif "less than expected" in detail or "truncat" in detail.lower():
+            reason = f"truncated pixel data ({detail})"
+        else:
+            reason = f"cannot decode pixel data, damaged or truncated ({detail})"
+        raise ImageReadError(path, reason) from exc
 
 
 def _to_grey(arr: np.ndarray, ds, path) -> np.ndarray:
