@@ -45,8 +45,10 @@ def _settings(labels, ways, shots, groups, notes) -> list:
             if eligible >= n:
                 out.append((int(n), int(k)))
             else:
-                notes.append(f"{n}-way {k}-shot skipped: needs {n} subjects with at least "
-                             f"{k + 1} images, the data has {eligible}")
+                need = (f"at least {k + 1} images" if groups is None else
+                        f"a query with at least {k} images in other modalities")
+                notes.append(f"{n}-way {k}-shot skipped: needs {n} subjects with {need}, "
+                             f"the data has {eligible}")
     return out
 
 

@@ -78,16 +78,20 @@ def _candidate_queries(idx: np.ndarray, groups: Optional[np.ndarray], k_shot: in
     return idx[other >= k_shot]
 
 
+def _members(labels: np.ndarray) -> dict:
+    """Image indices of every subject, in one pass (sorted subjects, ascending indices)."""
+    values, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    bounds = np.cumsum(np.bincount(inverse.ravel(), minlength=len(values)))[:-1]
+    return dict(zip(values.tolist(), np.split(order, bounds)))
+
+
 def eligible_subjects(labels, k_shot: int, groups=None) -> list:
     """Subjects that can take part in a K-shot episode (sorted, for reproducible sampling)."""
     labels = _labels(labels)
     groups = None if groups is None else np.asarray(groups)
-    out = []
-    for s in sorted(set(labels.tolist()), key=lambda v: (str(type(v)), v)):
-        idx = np.flatnonzero(labels == s)
-        if len(_candidate_queries(idx, groups, k_shot)):
-            out.append(s)
-    return out
+    return [s for s, idx in _members(labels).items()
+            if len(_candidate_queries(idx, groups, k_shot))]
 
 
 def sample_episodes(labels, n_way: int, k_shot: int, episodes: int = 100, seed: int = 0,
@@ -118,7 +122,7 @@ def sample_episodes(labels, n_way: int, k_shot: int, episodes: int = 100, seed: 
         raise ValueError(
             f"{n_way}-way {k_shot}-shot needs {n_way} subjects with {need}; "
             f"only {len(eligible)} subject(s) qualify")
-    members = {s: np.flatnonzero(labels == s) for s in eligible}
+    members = _members(labels)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(episodes):
@@ -470,17 +474,19 @@ def cluster_distances(embeddings, labels, distance: str = "euclidean") -> dict:
     """
     e = _embeddings(embeddings)
     labels = _labels(labels, len(e))
-    subjects = [s for s in sorted(set(labels.tolist()), key=lambda v: (str(type(v)), v))
-                if (labels == s).sum() > 1]
-    if len(subjects) < 2:
+    groups = [idx for idx in _members(labels).values() if len(idx) > 1]
+    if len(groups) < 2:
         raise ValueError(f"MIASD/MIESD need two subjects with more than one image "
-                         f"(have {len(subjects)})")
-    centroids = np.stack([e[labels == s].mean(0) for s in subjects])
-    intra = np.array([pairwise_distances(e[labels == s], c[None], distance)[:, 0].mean()
-                      for s, c in zip(subjects, centroids)])
-    dc = pairwise_distances(centroids, centroids, distance)
-    m = len(subjects)
-    inter = (dc.sum(1) - np.diag(dc)) / (m - 1)
+                         f"(have {len(groups)})")
+    centroids = np.stack([e[idx].mean(0) for idx in groups])
+    intra = np.array([pairwise_distances(e[idx], c[None], distance)[:, 0].mean()
+                      for idx, c in zip(groups, centroids)])
+    m = len(groups)
+    # Row sums of the centroid distance matrix in blocks (m can be tens of thousands);
+    # the diagonal is zero, so the sum over the others is the row sum.
+    step = max(1, 20_000_000 // m)
+    inter = np.concatenate([pairwise_distances(centroids[i:i + step], centroids, distance).sum(1)
+                            for i in range(0, m, step)]) / (m - 1)
     return {"miasd": float(intra.mean()), "miasd_std": float(intra.std()),
             "miesd": float(inter.mean()), "miesd_std": float(inter.std()),
             "subjects": int(m), "intra": intra.tolist(), "inter": inter.tolist()}
