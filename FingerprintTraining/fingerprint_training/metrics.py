@@ -482,11 +482,15 @@ def cluster_distances(embeddings, labels, distance: str = "euclidean") -> dict:
     intra = np.array([pairwise_distances(e[idx], c[None], distance)[:, 0].mean()
                       for idx, c in zip(groups, centroids)])
     m = len(groups)
-    # Row sums of the centroid distance matrix in blocks (m can be tens of thousands);
-    # the diagonal is zero, so the sum over the others is the row sum.
+    # Row sums of the centroid distance matrix in blocks (m can be tens of thousands),
+    # leaving out each centroid's (rounding-level) distance to itself.
     step = max(1, 20_000_000 // m)
-    inter = np.concatenate([pairwise_distances(centroids[i:i + step], centroids, distance).sum(1)
-                            for i in range(0, m, step)]) / (m - 1)
+    sums = []
+    for i in range(0, m, step):
+        d = pairwise_distances(centroids[i:i + step], centroids, distance)
+        d[np.arange(len(d)), np.arange(i, i + len(d))] = 0.0
+        sums.append(d.sum(1))
+    inter = np.concatenate(sums) / (m - 1)
     return {"miasd": float(intra.mean()), "miasd_std": float(intra.std()),
             "miesd": float(inter.mean()), "miesd_std": float(inter.std()),
             "subjects": int(m), "intra": intra.tolist(), "inter": inter.tolist()}
