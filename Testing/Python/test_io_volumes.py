@@ -107,3 +107,21 @@ def test_damaged_raster_and_volume_files(tmp_path):
         read_image(tmp_path / "bad.nii.gz")
     with pytest.raises(ImageReadError, match="not found"):
         read_image(tmp_path / "missing.png")
+
+
+def test_dicom_series_and_nifti_of_the_same_head_read_the_same(tmp_path):
+    from dicom_factory import write_mr_series
+
+    vol = RNG.integers(0, 2000, size=(5, 6, 7)).astype(np.int16)       # (z, y, x) in LPS
+    # Stored with x pointing Right (direction column -1): both readers must undo it.
+    direction = np.diag([-1.0, 1.0, 1.0])
+    write_mr_series(tmp_path / "series", vol[:, :, ::-1].copy(), spacing=(3.0, 0.8, 0.9),
+                    direction=direction, origin=(6 * 0.9, 0.0, 0.0))
+    sitk.WriteImage(_sitk_volume(vol[:, :, ::-1].copy(), (0.9, 0.8, 3.0), origin=(6 * 0.9, 0.0, 0.0),
+                                 direction=direction), str(tmp_path / "head.nii.gz"))
+    from_dicom, from_nifti = read_image(tmp_path / "series"), read_image(tmp_path / "head.nii.gz")
+    np.testing.assert_array_equal(from_dicom.array, vol)
+    np.testing.assert_array_equal(from_nifti.array, vol)
+    assert from_dicom.spacing == pytest.approx((3.0, 0.8, 0.9))
+    assert from_nifti.spacing == pytest.approx((3.0, 0.8, 0.9))
+    assert from_dicom.content_hash == from_nifti.content_hash
