@@ -267,6 +267,19 @@ def test_missing_patient_id_is_a_failure_but_still_reads_as_a_query(tmp_path):
     np.testing.assert_array_equal(read_image(path).array, px)
 
 
+def test_per_slice_acquisition_numbers_do_not_split_a_volume(tmp_path):
+    vol = RNG.integers(0, 1000, size=(5, 8, 8)).astype(np.int16)
+    files = write_mr_series(tmp_path / "s", vol, spacing=(2.5, 1, 1))
+    for k, f in enumerate(files):          # some scanners number each slice's acquisition
+        ds = pydicom.dcmread(f)
+        ds.AcquisitionNumber = k + 1
+        ds.save_as(f)
+    (record,) = discover([tmp_path]).records
+    img = load_image(record)
+    np.testing.assert_array_equal(img.array, vol)
+    assert img.spacing == pytest.approx((2.5, 1.0, 1.0))
+
+
 def test_two_echoes_in_one_series_become_two_volumes_and_localizers_are_skipped(tmp_path):
     uid = pydicom.uid.generate_uid()
     echo1 = RNG.integers(0, 1000, size=(4, 8, 8)).astype(np.int16)

@@ -254,6 +254,14 @@ def order_slices(headers: List[DicomHeader]) -> List[DicomHeader]:
     return sorted(headers, key=lambda h: (h.instance, h.path))
 
 
+def _positions_unique(headers: List[DicomHeader]) -> bool:
+    """True when no two files lie at the same ImagePositionPatient (to 1 micrometre)."""
+    if not all(h.position for h in headers):
+        return len(headers) == 1
+    spots = {tuple(round(v, 3) for v in h.position) for h in headers}
+    return len(spots) == len(headers)
+
+
 def split_series(headers: List[DicomHeader]) -> Tuple[List[List[DicomHeader]], List[str]]:
     """Split one SeriesInstanceUID into stacks that each make one volume.
 
@@ -263,9 +271,19 @@ def split_series(headers: List[DicomHeader]) -> Tuple[List[List[DicomHeader]], L
     kept = [h for h in headers if not h.localizer]
     if len(kept) < len(headers):
         skipped.extend(h.path for h in headers if h.localizer)
-    stacks: Dict[tuple, List[DicomHeader]] = {}
+    # First by plane and size (files that can never share a volume), then, only where two
+    # files sit at one position, by echo / time point / acquisition: some scanners number
+    # every slice as its own acquisition, and splitting those would break a good volume.
+    planes: Dict[tuple, List[DicomHeader]] = {}
     for h in kept:
-        stacks.setdefault(h.stack_key, []).append(h)
+        planes.setdefault(h.stack_key[:3], []).append(h)
+    stacks: Dict[tuple, List[DicomHeader]] = {}
+    for plane, members in planes.items():
+        if _positions_unique(members):
+            stacks[plane] = members
+            continue
+        for h in members:
+            stacks.setdefault(h.stack_key, []).append(h)
     ordered = sorted(stacks.values(), key=lambda s: (-len(s), min(h.path for h in s)))
     return [order_slices(s) for s in ordered], skipped
 
