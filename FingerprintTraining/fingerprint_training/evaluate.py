@@ -158,7 +158,7 @@ def _evaluate_baseline(b, labels, settings, episodes, seed, max_r, groups, retri
     return res
 
 
-# -- Markdown ---------------------------------------------------------------------------------------
+# -- Markdown -------------------------------------------------------------------------------------
 
 def _pct(v) -> str:
     return "–" if v is None else f"{100.0 * v:.2f}"
@@ -250,7 +250,7 @@ def results_markdown(result: dict, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- command line -------------------------------------------------------------------------------------
+# -- command line ---------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``subject-fingerprint evaluate``."""

@@ -65,7 +65,7 @@ def _embeddings(embeddings) -> np.ndarray:
     return e
 
 
-# -- N-way K-shot episodes -------------------------------------------------------------------------
+# -- N-way K-shot episodes ------------------------------------------------------------------------
 
 def _candidate_queries(idx: np.ndarray, groups: Optional[np.ndarray], k_shot: int) -> np.ndarray:
     """Images of one subject that can be a query: with ``groups`` (modalities), a query needs
@@ -247,7 +247,7 @@ def nway_kshot(embeddings, labels, n_way: int, k_shot: int, episodes: int = 100,
                             len(eligible_subjects(labels, k_shot, groups)), distance)
 
 
-# -- whole-gallery leave-one-out retrieval ---------------------------------------------------------
+# -- whole-gallery leave-one-out retrieval --------------------------------------------------------
 
 def retrieval_metrics(embeddings=None, labels=None, distance: str = "euclidean",
                       block_size: int = 1024, block_fn: Optional[Callable] = None) -> dict:
@@ -301,7 +301,7 @@ def retrieval_metrics(embeddings=None, labels=None, distance: str = "euclidean",
             "queries": int(nq), "gallery": int(n)}
 
 
-# -- verification ------------------------------------------------------------------------------------
+# -- verification ---------------------------------------------------------------------------------
 
 def pair_indices(labels, max_negatives: Optional[int] = 200000, seed: int = 0,
                  max_positives: Optional[int] = None):
@@ -462,7 +462,7 @@ def verification_from_distances(pos, neg, threshold=None, n_boot: int = 1000, se
     return out
 
 
-# -- MIASD / MIESD --------------------------------------------------------------------------------------
+# -- MIASD / MIESD --------------------------------------------------------------------------------
 
 def cluster_distances(embeddings, labels, distance: str = "euclidean") -> dict:
     """MIASD / MIESD as in the Few-Shot Fingerprinting paper (Figure 2).

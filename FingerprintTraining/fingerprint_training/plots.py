@@ -77,13 +77,24 @@ def pair_histograms(pos: Sequence[float], neg: Sequence[float], path,
 
 
 def tsne_plot(embeddings, labels, path, top_subjects: int = 10, seed: int = 0,
-              title: str = "") -> Optional[Path]:
-    """t-SNE (scikit-learn) of all embeddings; the ``top_subjects`` subjects with most images
-    in colour, the others grey. Returns None when there are too few points for t-SNE."""
+              title: str = "", max_points: int = 3000) -> Optional[Path]:
+    """t-SNE (scikit-learn) of the embeddings; the ``top_subjects`` subjects with most images
+    in colour, the others grey. Above ``max_points`` images, all of the top subjects' images
+    and a seeded sample of the rest are shown (t-SNE is quadratic-ish in time).
+    Returns None when there are too few points for t-SNE."""
     from sklearn.manifold import TSNE
 
     e = np.asarray(embeddings, dtype=np.float64)
     labels = np.asarray(labels)
+    if len(e) > max_points:
+        values, counts = np.unique(labels, return_counts=True)
+        top = values[np.argsort(-counts, kind="stable")[:top_subjects]]
+        keep = np.isin(labels, top)
+        rest = np.flatnonzero(~keep)
+        room = max(0, max_points - int(keep.sum()))
+        pick = np.random.default_rng(seed).choice(rest, size=min(room, len(rest)), replace=False)
+        keep[pick] = True
+        e, labels = e[keep], labels[keep]
     n = len(e)
     if n < 5:
         return None
