@@ -105,3 +105,13 @@ def test_evaluate_command_errors(tmp_path, capsys):
     assert E.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_evaluate_is_wired_into_the_command_line():
+    from subject_fingerprint.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "data", "--model", "m.pt", "--split", "s.json",
+                                      "--out", "o", "--ways", "20", "--shots", "1", "5"])
+    assert args.func is E.main
+    assert args.ways == [20] and args.shots == [1, 5] and args.subset == "test"
+    assert args.calibrate_on == "val" and args.target_fpr == 0.01 and args.episodes == 100
