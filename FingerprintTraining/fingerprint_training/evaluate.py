@@ -334,7 +334,9 @@ def _jsonable(obj):
 
 
 def _write_text(path: Path, text: str) -> None:
+    """Atomic write (temporary file, then rename) with ordinary 0644 permissions."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)

@@ -73,6 +73,7 @@ def test_evaluate_command_end_to_end(tmp_path):
     assert E.main(args) == 0
 
     m = json.loads((out / "metrics.json").read_text())
+    assert (out / "metrics.json").stat().st_mode & 0o777 == 0o644
     assert m["data"]["images"] == 12 and m["data"]["subjects"] == 4
     assert [(r["n_way"], r["k_shot"]) for r in m["nway_kshot"]] == [(3, 1), (3, 2)]
     assert any("5-way 1-shot skipped" in n for n in m["notes"])
