@@ -88,10 +88,8 @@ def run(args) -> int:
     exact_keys = {(p.a, p.i, p.b, p.j) for p in exact}
     near_pairs = [p for p in close if p.distance <= near and (p.a, p.i, p.b, p.j) not in exact_keys]
     # images.csv: the image pairs behind each suspected subject pair, then exact duplicates.
-    image_pairs = sorted(close, key=lambda p: p.distance) + exact
-    for p in image_pairs:
-        if (p.a, p.i, p.b, p.j) in exact_keys:
-            p.exact_duplicate = True
+    image_pairs = sorted((p for p in close if (p.a, p.i, p.b, p.j) not in exact_keys),
+                         key=lambda p: p.distance) + exact
     same, different = engine.distance_samples(datasets)
 
     across = [s for s in suspects if s.a != s.b]
