@@ -475,12 +475,16 @@ class Trainer:
                                    val_hit_5=v["mean_hit_at_r"].get("5"), val_n_way=v["n_way"])
                         bar.write(f"step {self.step}: val {v['n_way']}-way {v['k_shot']}-shot "
                                   f"Mean-Recall@K {metric:.4f}  Hit@1 {v['mean_hit_at_r'].get('1', float('nan')):.4f}")
-                        if self.best_metric is None or metric > self.best_metric:
+                        improved = self.best_metric is None or metric > self.best_metric
+                        # A tie keeps the later (longer-trained) weights, but only a strict
+                        # improvement resets the patience counter.
+                        if improved or metric == self.best_metric:
                             self.best_metric, self.best_step, self.best_validation = metric, self.step, v
-                            self.bad_validations = 0
                             if self.writes:
                                 self.seconds_before += time.time() - t0; t0 = time.time()
                                 self.save_best(v)
+                        if improved:
+                            self.bad_validations = 0
                         else:
                             self.bad_validations += 1
                             stop = bool(cfg.patience) and self.bad_validations >= cfg.patience
