@@ -401,7 +401,8 @@ class Trainer:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         axes[0].plot(steps, loss, alpha=0.3, label="loss")
         win = max(1, len(loss) // 50)
-        axes[0].plot(steps, np.convolve(loss, np.ones(win) / win, mode="same"), label=f"mean of {win}")
+        csum = np.cumsum(np.insert(loss, 0, 0.0))  # trailing moving average, no edge artefacts
+        axes[0].plot(steps[win - 1:], (csum[win:] - csum[:-win]) / win, label=f"mean of {win}")
         axes[0].set_xlabel("step"); axes[0].set_title("training loss"); axes[0].legend()
         axes[1].plot(steps, used, label="used triplets/pairs")
         ax2 = axes[1].twinx()
