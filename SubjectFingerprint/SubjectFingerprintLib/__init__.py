@@ -1,0 +1,1 @@
+"""Helpers of the SubjectFingerprint Slicer module (no torch import here)."""
