@@ -265,3 +265,39 @@ def test_background_failure_raises_the_tools_message(sf, tiny, tmp_path):
     bad_model.write_bytes(b"not a checkpoint")
     with pytest.raises(FingerprintError, match="exit code 2"):
         logic.buildLibrary(str(tiny["images"]), str(tmp_path / "x.h5"), modelPath=str(bad_model), device="cpu")
+
+
+def test_batch_mode_script_end_to_end(sf, tiny, tmp_path):
+    """Resources/Scripts/batch_find_matches.py: a folder of NRRD/PNG files -> a CSV of candidates."""
+    import csv
+
+    slicer_harness.new_scene()
+    batch = slicer_harness.import_module("batch_find_matches")
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    expected = {}
+    for i, (subject, view) in enumerate([("subj0", 1), ("subj3", 0), ("subj1", 1)]):
+        array = tiny["arrays"][(subject, view)]
+        if i % 2:
+            name = f"q{i}.png"
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / name))
+        else:
+            name = f"q{i}.nrrd"
+            sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.float32)), str(folder / name))
+        expected[name] = subject
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "out.csv"
+    code = batch.main(["--", str(folder), str(tiny["library"]), str(out), "--model", tiny["model"], "-k", "2",
+                       "--device", "cpu"])
+    assert code == 1  # broken.png failed, the rest went through
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["query"] for r in rows} == set(expected) | {"broken.png"}
+    for name, subject in expected.items():
+        mine = [r for r in rows if r["query"] == name]
+        assert [r["rank"] for r in mine] == ["1", "2"]
+        assert mine[0]["subject"] == subject and float(mine[0]["distance"]) < 1e-3
+    assert [r for r in rows if r["query"] == "broken.png"][0]["error"]
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # nodes removed
+    assert batch.main([str(tmp_path / "nothing"), str(tiny["library"]), str(out)]) == 2
