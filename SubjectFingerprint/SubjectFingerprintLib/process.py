@@ -171,17 +171,19 @@ class BackgroundProcess:
         try:
             import psutil
 
-            parent = psutil.Process(self._proc.pid)
-            children = parent.children(recursive=True)
-            for proc in children + [parent]:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(children + [parent], timeout=5)
-        except ImportError:
-            self._proc.kill()
-        except Exception:  # the process vanished between the checks
+            children = psutil.Process(self._proc.pid).children(recursive=True)
+        except Exception:  # no psutil, or the process vanished between the checks
+            children = []
+        for child in children:
+            try:
+                child.kill()
+            except Exception:
+                pass
+        # Kill and reap our own child through Popen so that its real exit status is kept.
+        self._proc.kill()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             pass
 
     @property
