@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
-DEFAULT_FPR = 0.001
 
 
 def register(subparsers) -> None:

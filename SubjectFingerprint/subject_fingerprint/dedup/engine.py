@@ -165,11 +165,14 @@ def distance_samples(datasets: List[EmbeddedDataset], max_pairs: int = 20000, se
         for i, s in enumerate(ds.subject_ids.tolist()):
             rows[s].append(i)
         for idx in rows.values():
-            for k in range(len(idx)):
-                for m in range(k + 1, len(idx)):
-                    same.append(float(np.linalg.norm(ds.embeddings[idx[k]] - ds.embeddings[idx[m]])))
-                    if len(same) >= max_pairs:
-                        break
+            if len(same) >= max_pairs:
+                break
+            if len(idx) < 2:
+                continue
+            # All pairs of one subject's images at once (upper triangle), not one by one.
+            emb = ds.embeddings[idx].astype(np.float64)
+            k, m = np.triu_indices(len(idx), 1)
+            same.extend(np.linalg.norm(emb[k] - emb[m], axis=1).tolist())
     everything = np.concatenate([ds.embeddings for ds in datasets]) if datasets else np.zeros((0, 1))
     labels = np.concatenate([[f"{a}\x00{s}" for s in ds.subject_ids.tolist()]
                              for a, ds in enumerate(datasets)]) if datasets else np.zeros(0)
