@@ -30,7 +30,9 @@ def _demo_module():
     return module
 
 
-def build(data: Path, split: Path, out: Path):
+def build(data: Path, split: Path, out: Path, max_subjects: int = 0):
+    """Write the two exports under ``out``; returns the planted (pseudonym a, pseudonym b)
+    pairs. ``max_subjects`` keeps only the first test-split patients (for a quick test)."""
     demo = _demo_module()
     test = set(json.loads(split.read_text())["test"])
     images = defaultdict(list)
@@ -40,7 +42,8 @@ def build(data: Path, split: Path, out: Path):
                 images[row["subject_id"]].append(row["image_path"])
     rng = random.Random(0)
     planted = set()
-    for subject in sorted(images):
+    subjects = sorted(images)
+    for subject in subjects[:max_subjects] if max_subjects else subjects:
         paths = images[subject]
         halves = ([paths[: len(paths) // 2], paths[len(paths) // 2:]] if len(paths) >= 2
                   else ([paths, []] if rng.random() < 0.5 else [[], paths]))
