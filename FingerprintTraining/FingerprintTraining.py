@@ -89,6 +89,7 @@ class FingerprintTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluate)
         self.ui.progressBar.setVisible(False)
+        self.ui.logTextEdit.maximumBlockCount = 5000  # a long run must not slow the panel down
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
         self._updateButtons()
@@ -136,13 +137,10 @@ class FingerprintTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                           if split else _("Evaluation needs a split file."))
 
     def appendLog(self, text: str) -> None:
-        box = self.ui.logTextEdit
-        box.appendPlainText(text)
-        if box.document().blockCount > 5000:
-            cursor = box.textCursor()
-            cursor.movePosition(cursor.Start)
-            cursor.movePosition(cursor.Down, cursor.KeepAnchor, 1000)
-            cursor.removeSelectedText()
+        """Append to the log box (bounded by its maximumBlockCount, set in setup)."""
+        if not hasattr(self, "ui"):
+            return
+        self.ui.logTextEdit.appendPlainText(text)
 
     def _onProgress(self, done: int, total: int) -> None:
         self.ui.progressBar.setRange(0, max(total, 1))

@@ -130,6 +130,7 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.loadTopPairButton.connect("clicked(bool)", self.onLoadTopPair)
         self.ui.resultsTableView.connect("selectionChanged()", self.onResultSelected)
         self.ui.progressBar.setVisible(False)
+        self.ui.logTextEdit.maximumBlockCount = 2000  # a long run must not slow the panel down
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -210,16 +211,10 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.loadTopPairButton.enabled = hasReport
 
     def appendLog(self, text: str) -> None:
-        """Log box, bounded so that a long run does not slow the panel down."""
+        """Append to the log box (bounded by its maximumBlockCount, set in setup)."""
         if not hasattr(self, "ui"):
             return
-        box = self.ui.logTextEdit
-        box.appendPlainText(text)
-        if box.document().blockCount > 2000:
-            cursor = box.textCursor()
-            cursor.movePosition(cursor.Start)
-            cursor.movePosition(cursor.Down, cursor.KeepAnchor, 500)
-            cursor.removeSelectedText()
+        self.ui.logTextEdit.appendPlainText(text)
         slicer.app.processEvents()
 
     def _options(self) -> dict:

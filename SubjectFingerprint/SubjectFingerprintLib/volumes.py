@@ -12,6 +12,8 @@ import numpy as np
 
 RESULT_COLUMNS = ("rank", "subject", "dataset", "image", "distance", "probability", "source")
 HIDDEN_COLUMNS = ("source",)
+COLUMN_TITLES = {"rank": "Rank", "subject": "Subject", "dataset": "Dataset", "image": "Image",
+                 "distance": "Distance", "probability": "Same-subject probability", "source": "Source"}
 
 
 def ijkToLpsMatrix(volumeNode) -> np.ndarray:
@@ -136,12 +138,10 @@ def rowsToTable(rows: Sequence[dict], tableNode):
                     array.InsertNextValue(value)
         for name in RESULT_COLUMNS:
             table.AddColumn(arrays[name])
-        tableNode.SetUseColumnTitleAsColumnHeader(True) if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader") else None
-        titles = {"subject": "Subject", "dataset": "Dataset", "image": "Image", "rank": "Rank",
-                  "distance": "Distance", "probability": "Same-subject probability", "source": "Source"}
-        for name, title in titles.items():
-            if hasattr(tableNode, "SetColumnTitle"):
-                tableNode.SetColumnTitle(name, title)
+        # Column titles are the view's header (otherwise the first row would be shown as header).
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+        for name, title in COLUMN_TITLES.items():
+            tableNode.SetColumnTitle(name, title)
         tableNode.SetLocked(True)
         table.Modified()
     finally:

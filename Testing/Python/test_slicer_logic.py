@@ -140,6 +140,9 @@ def test_results_table_is_a_real_table_node(sf, tiny):
     assert table.IsA("vtkMRMLTableNode") and slicer.mrmlScene.GetNodeByID(table.GetID()) is table
     names = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
     assert names == ["rank", "subject", "dataset", "image", "distance", "probability", "source"]
+    assert table.GetUseColumnTitleAsColumnHeader()
+    assert table.GetColumnTitle("probability") == "Same-subject probability"
+    assert logic.resultColumnIndex("source") == names.index("source")
     assert table.GetNumberOfRows() == N_SUBJECTS
     assert table.GetTable().GetColumnByName("distance").IsA("vtkDoubleArray")
     back = logic.rowsFromTable(table)
