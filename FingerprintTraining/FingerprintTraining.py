@@ -12,8 +12,6 @@ import logging
 import os
 from typing import Annotated, Callable, List, Optional, Sequence
 
-import vtk
-
 import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
