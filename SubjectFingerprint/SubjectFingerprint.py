@@ -554,12 +554,14 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
         return process
 
     def checkDatasets(self, paths: Sequence[str], outDir: str, modelPath: Optional[str] = None,
-                      device: str = "auto", waitForCompletion: bool = True,
+                      device: str = "auto", threshold: Optional[float] = None, waitForCompletion: bool = True,
                       onLog: Optional[Callable] = None, onProgress: Optional[Callable] = None):
         """Look for subjects shared between two or more datasets (folders or libraries).
 
         Runs ``subject_fingerprint dedup`` in a separate process and writes ``outDir/index.html``,
         ``subjects.csv`` and ``summary.json``; read the pairs with ``readSharedSubjects(outDir)``.
+        ``threshold`` (a distance) overrides the model's calibrated threshold; an uncalibrated
+        model needs one.
         """
         paths = [str(p) for p in paths]
         if len(paths) < 2:
@@ -570,6 +572,8 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
         if not outDir:
             raise ValueError(_("Choose a folder for the report."))
         arguments = ["dedup", *paths, "--out", outDir, "--model", self.resolveModelPath(modelPath), "--device", device]
+        if threshold is not None:
+            arguments += ["--threshold", float(threshold)]
         process = self._start(arguments, waitForCompletion, onLog, onProgress)
         process.kind, process.reportFolder = "dedup", outDir
         return process

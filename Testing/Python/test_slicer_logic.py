@@ -304,3 +304,31 @@ def test_batch_mode_script_end_to_end(sf, tiny, tmp_path):
     assert [r for r in rows if r["query"] == "broken.png"][0]["error"]
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # nodes removed
     assert batch.main([str(tmp_path / "nothing"), str(tiny["library"]), str(out)]) == 2
+
+
+def test_check_datasets_in_background_then_load_the_top_pair(sf, tiny, tmp_path):
+    """Two dataset folders sharing one subject (under other IDs): the report names the pair."""
+    import shutil
+
+    from subject_fingerprint.errors import FingerprintError
+
+    slicer_harness.new_scene()
+    a, b = tmp_path / "siteA", tmp_path / "siteB"
+    for s in range(3):
+        shutil.copytree(tiny["images"] / f"subj{s}", a / f"A{s}")
+    shutil.copytree(tiny["images"] / "subj2", b / "B-pseudo")  # subject 2 again, new pseudonym
+    shutil.copytree(tiny["images"] / "subj3", b / "B3")
+    logic = sf.SubjectFingerprintLogic()
+    with pytest.raises(FingerprintError, match="calibration"):  # the tiny model is not calibrated
+        logic.checkDatasets([str(a), str(b)], str(tmp_path / "r0"), modelPath=tiny["model"], device="cpu")
+    out = tmp_path / "report"
+    process = logic.checkDatasets([str(a), str(b)], str(out), modelPath=tiny["model"], device="cpu",
+                                  threshold=1e-3)
+    assert "shared subject pairs" in logic.finishBackground(process)
+    assert (out / "index.html").is_file()
+    pairs = logic.readSharedSubjects(str(out))
+    assert [(p["subject_a"], p["subject_b"]) for p in pairs] == [("A2", "B-pseudo")]
+    left, right = logic.loadSharedPair(str(out))
+    assert np.array_equal(slicer.util.arrayFromVolume(left), slicer.util.arrayFromVolume(right))
+    with pytest.raises(ValueError, match="at least two"):
+        logic.checkDatasets([str(a)], str(out))
