@@ -158,9 +158,9 @@ class FingerprintTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.statusLabel.text = notice or ""
             if notice:
                 self.appendLog(notice)
+            process = start()
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.setRange(0, 0)
-            process = start()
             self._running = (button, button.text, process)
             button.text = _("Cancel")
             self._timer = qt.QTimer()
@@ -239,14 +239,18 @@ class FingerprintTrainingLogic(ScriptedLoadableModuleLogic):
 
         return resolve_device(device)[1]
 
-    def _start(self, arguments: Sequence, waitForCompletion: bool, onLog=None, onProgress=None):
+    def _start(self, arguments: Sequence, waitForCompletion: bool, onLog=None, onProgress=None, **attributes):
+        """Start the engine's command line; ``attributes`` (kind, paths) are kept on the process."""
         from SubjectFingerprintLib.process import BackgroundProcess, engineCommand
 
         if self.process is not None and self.process.running:
             raise RuntimeError(_("Another run is still going; wait for it or cancel it."))
         command = engineCommand(*arguments)
         self.log(" ".join(command))
-        self.process = BackgroundProcess(command, onLog=onLog or self.log, onProgress=onProgress).start()
+        self.process = BackgroundProcess(command, onLog=onLog or self.log, onProgress=onProgress)
+        for name, value in attributes.items():
+            setattr(self.process, name, value)
+        self.process.start()
         if waitForCompletion:
             self.process.wait()
             self.finishBackground(self.process)
@@ -275,8 +279,7 @@ class FingerprintTrainingLogic(ScriptedLoadableModuleLogic):
         if manifest:
             arguments += ["--manifest", manifest]
         arguments += list(extraArguments)
-        process = self._start(arguments, waitForCompletion, onLog, onProgress)
-        process.kind, process.outDir = "train", outDir
+        process = self._start(arguments, waitForCompletion, onLog, onProgress, kind="train", outDir=outDir)
         return process
 
     def evaluate(self, source: str, modelPath: str, split: str, outDir: str, manifest: Optional[str] = None,
@@ -291,8 +294,7 @@ class FingerprintTrainingLogic(ScriptedLoadableModuleLogic):
         if manifest:
             arguments += ["--manifest", manifest]
         arguments += list(extraArguments)
-        process = self._start(arguments, waitForCompletion, onLog, onProgress)
-        process.kind, process.outDir = "evaluate", outDir
+        process = self._start(arguments, waitForCompletion, onLog, onProgress, kind="evaluate", outDir=outDir)
         return process
 
     @staticmethod

@@ -282,9 +282,9 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         with slicer.util.tryWithErrorDisplay(_("Could not start."), waitCursor=True):
             self.logic.ensureDependencies()
             self._showDeviceNotice()
+            process = start(self.appendLog, self._onProgress, lambda code, cancelled: None)
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.setRange(0, 0)  # busy until the first progress line
-            process = start(self.appendLog, self._onProgress, lambda code, cancelled: None)
             self._running = (button, button.text, process)
             button.text = _("Cancel")
             self._timer = qt.QTimer()
@@ -516,14 +516,18 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
         return int(result.added)
 
     # -- background runs -----------------------------------------------------------------------
-    def _start(self, arguments: Sequence, waitForCompletion: bool, onLog=None, onProgress=None):
+    def _start(self, arguments: Sequence, waitForCompletion: bool, onLog=None, onProgress=None, **attributes):
+        """Start the engine's command line; ``attributes`` (kind, paths) are kept on the process."""
         from SubjectFingerprintLib.process import BackgroundProcess, engineCommand
 
         if self.process is not None and self.process.running:
             raise RuntimeError(_("Another run is still going; wait for it or cancel it."))
         command = engineCommand(*arguments)
         self.log(" ".join(command))
-        self.process = BackgroundProcess(command, onLog=onLog or self.log, onProgress=onProgress).start()
+        self.process = BackgroundProcess(command, onLog=onLog or self.log, onProgress=onProgress)
+        for name, value in attributes.items():
+            setattr(self.process, name, value)
+        self.process.start()
         if waitForCompletion:
             self.process.wait()
             self.finishBackground(self.process)
@@ -549,8 +553,7 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
             arguments += ["--dataset", dataset]
         if manifest:
             arguments += ["--manifest", manifest]
-        process = self._start(arguments, waitForCompletion, onLog, onProgress)
-        process.kind, process.libraryPath = "index", libraryPath
+        process = self._start(arguments, waitForCompletion, onLog, onProgress, kind="index", libraryPath=libraryPath)
         return process
 
     def checkDatasets(self, paths: Sequence[str], outDir: str, modelPath: Optional[str] = None,
@@ -574,8 +577,7 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
         arguments = ["dedup", *paths, "--out", outDir, "--model", self.resolveModelPath(modelPath), "--device", device]
         if threshold is not None:
             arguments += ["--threshold", float(threshold)]
-        process = self._start(arguments, waitForCompletion, onLog, onProgress)
-        process.kind, process.reportFolder = "dedup", outDir
+        process = self._start(arguments, waitForCompletion, onLog, onProgress, kind="dedup", reportFolder=outDir)
         return process
 
     def finishBackground(self, process) -> str:

@@ -332,3 +332,21 @@ def test_check_datasets_in_background_then_load_the_top_pair(sf, tiny, tmp_path)
     assert np.array_equal(slicer.util.arrayFromVolume(left), slicer.util.arrayFromVolume(right))
     with pytest.raises(ValueError, match="at least two"):
         logic.checkDatasets([str(a)], str(out))
+
+
+def test_build_library_with_an_unreadable_file_finishes_and_says_so(sf, tiny, tmp_path):
+    import shutil
+
+    from subject_fingerprint.library import EmbeddingLibrary
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny["images"] / "subj0", folder / "subj0")
+    (folder / "subj1").mkdir()
+    (folder / "subj1" / "broken.png").write_bytes(b"not a png")
+    logic = sf.SubjectFingerprintLogic()
+    process = logic.buildLibrary(str(folder), str(tmp_path / "m.h5"), modelPath=tiny["model"], device="cpu")
+    assert process.returncode == 1
+    assert "could not be read" in logic.finishBackground(process)
+    assert any("broken.png" in line for line in process.lines)
+    with EmbeddingLibrary.open(tmp_path / "m.h5") as lib:
+        assert len(lib) == 2
