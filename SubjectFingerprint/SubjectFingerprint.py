@@ -142,6 +142,15 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.logic.cancel()
         self.removeObservers()
 
+    def onReload(self) -> None:
+        """Reload the Lib helpers too (Slicer's Reload only re-reads the module file)."""
+        import importlib
+        import sys
+
+        for name in sorted(m for m in sys.modules if m.startswith("SubjectFingerprintLib.")):
+            importlib.reload(sys.modules[name])
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
         self.initializeParameterNode()
 

@@ -350,3 +350,24 @@ def test_build_library_with_an_unreadable_file_finishes_and_says_so(sf, tiny, tm
     assert any("broken.png" in line for line in process.lines)
     with EmbeddingLibrary.open(tmp_path / "m.h5") as lib:
         assert len(lib) == 2
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 10), (6, 12, 10)])
+def test_volume_saved_by_slicer_in_ras_reads_like_the_engine_reads_the_file(sf, tmp_path, shape):
+    """A node with Slicer's default RAS-aligned geometry, saved by Slicer's storage node, gives the
+    same array through volumeToLoadedImage as through the engine's own reader of that file."""
+    from SubjectFingerprintLib.volumes import volumeToLoadedImage
+    from subject_fingerprint.io import read_image
+
+    slicer_harness.new_scene()
+    array = np.random.default_rng(0).random(shape).astype(np.float32)
+    node = slicer.util.addVolumeFromArray(array, ijkToRAS=np.array([[1, 0, 0, 5], [0, 0.5, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]]))
+    path = tmp_path / "saved.nrrd"
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    mine = volumeToLoadedImage(node)
+    engine = read_image(str(path))
+    assert mine.array.shape == engine.array.shape
+    assert np.allclose(mine.array, engine.array)
+    assert np.allclose(mine.spacing, engine.spacing)
