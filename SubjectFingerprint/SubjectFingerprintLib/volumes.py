@@ -54,11 +54,36 @@ def volumeSourcePath(volumeNode) -> str:
 
 
 def volumeModality(volumeNode) -> str:
-    """DICOM modality recorded by Slicer's DICOM loader, if any (used for the model's check)."""
+    """The volume's DICOM modality, so that the model can refuse an image of the wrong kind.
+
+    Looked up, in order: a "DICOM.Modality" attribute, Slicer's DICOM database (volumes loaded
+    by the DICOM module carry their instance UIDs), the header of the file it was loaded from.
+    "" when unknown (NRRD, NIfTI, PNG): the model then accepts it.
+    """
     for attribute in ("DICOM.Modality", "Modality"):
         value = volumeNode.GetAttribute(attribute)
         if value:
             return value
+    uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+    try:
+        import slicer
+
+        database = getattr(slicer, "dicomDatabase", None)
+        if uids and database:
+            value = database.fileValue(database.fileForInstance(uids[0]), "0008,0060")
+            if value:
+                return value
+    except Exception:  # no database or an unknown instance: fall through
+        pass
+    path = volumeSourcePath(volumeNode)
+    if path and os.path.isfile(path) and not path.lower().endswith((".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha",
+                                                                    ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff")):
+        try:
+            import pydicom
+
+            return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", ""))
+        except Exception:  # not DICOM, or no pydicom
+            pass
     return ""
 
 

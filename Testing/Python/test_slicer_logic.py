@@ -371,3 +371,31 @@ def test_volume_saved_by_slicer_in_ras_reads_like_the_engine_reads_the_file(sf, 
     assert mine.array.shape == engine.array.shape
     assert np.allclose(mine.array, engine.array)
     assert np.allclose(mine.spacing, engine.spacing)
+
+
+def test_wrong_modality_for_the_model_is_refused_with_its_message(sf, tiny, tmp_path):
+    """An X-ray-only model refuses a DICOM MR image; the DICOM X-ray itself is accepted."""
+    from dicom_factory import write_xray
+    from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
+    from subject_fingerprint.errors import ModelMismatchError
+    from subject_fingerprint.preprocess import Preprocessing
+    from SubjectFingerprintLib.volumes import volumeModality
+
+    slicer_harness.new_scene()
+    xray_only = FingerprintModel.create(2, depth=18, embedding_dim=32, modalities=("DX",),
+                                        preprocessing=Preprocessing(spatial_dims=2, size=(32, 32)))
+    model_path = tmp_path / "xray.pt"
+    save_checkpoint(xray_only, model_path)
+    pixels = (np.random.default_rng(0).random((40, 36)) * 1000).astype(np.uint16)
+    mr = load(sf, write_xray(tmp_path / "mr.dcm", pixels, modality="MR"))
+    dx = load(sf, write_xray(tmp_path / "dx.dcm", pixels, modality="DX"))
+    assert (volumeModality(mr), volumeModality(dx)) == ("MR", "DX")
+    logic = sf.SubjectFingerprintLogic()
+    with pytest.raises(ModelMismatchError, match="trained on xray"):
+        logic.addVolumeToLibrary(mr, "p1", str(tmp_path / "lib.h5"), modelPath=str(model_path), device="cpu")
+    assert logic.addVolumeToLibrary(dx, "p1", str(tmp_path / "lib.h5"), modelPath=str(model_path), device="cpu") == 1
+
+
+def test_default_model_is_the_bundled_starter(sf):
+    path = Path(sf.SubjectFingerprintLogic().defaultModelPath())
+    assert path.name == "starter-2d-cxr.pt" and path.is_file()
