@@ -223,8 +223,9 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         """Append to the log box (bounded by its maximumBlockCount, set in setup)."""
         if not hasattr(self, "ui"):
             return
+        # No processEvents() here: this runs inside the QTimer poll, and re-entering the event
+        # loop could run the poll (and finishBackground) twice.
         self.ui.logTextEdit.appendPlainText(text)
-        slicer.app.processEvents()
 
     def _options(self) -> dict:
         return {"modelPath": self.ui.modelPathLineEdit.currentPath or None,
@@ -259,7 +260,10 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         selected = self.ui.resultsTableView.selectionModel().selectedRows()
         if not selected:
             return
-        row = self.logic.rowsFromTable(self._resultsTableNode)[selected[0].row()]
+        # The view sorts through a proxy model: map the selection back to the table's row.
+        view = self.ui.resultsTableView
+        tableRow = view.tableModel().mrmlTableRowIndex(view.sortFilterProxyModel().mapToSource(selected[0]))
+        row = self.logic.rowsFromTable(self._resultsTableNode)[tableRow]
         with slicer.util.tryWithErrorDisplay(_("Could not load the candidate's image."), waitCursor=True):
             self.logic.loadCandidate(row, queryVolumeNode=self._queryVolumeNode)
 
@@ -322,6 +326,10 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.appendLog(summary)
             if getattr(process, "reportFolder", None) and not process.cancelled:
                 self._lastReportFolder = process.reportFolder
+                # A finished check opens its report and shows the most likely pair at once.
+                self.onOpenReport()
+                if self.logic.readSharedSubjects(self._lastReportFolder):
+                    self.onLoadTopPair()
         self._updateButtons()
 
     def onBuildLibrary(self) -> None:

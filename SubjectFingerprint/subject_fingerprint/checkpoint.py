@@ -354,8 +354,13 @@ def default_model_path() -> Path:
         if not path.is_file():
             raise CheckpointError(path, f"the model named by {ENV_MODEL} does not exist")
         return path
-    path = Path(__file__).resolve().parents[2] / "Resources" / "Models" / STARTER_MODEL_NAME
-    if not path.is_file():
-        raise CheckpointError(path, "the bundled starter model is not there; "
-                                    "pass a checkpoint with --model")
-    return path
+    package = Path(__file__).resolve().parent
+    # The repository keeps it in Resources/Models at the top; an installed Slicer module keeps
+    # it in the module's own Resources/Models, beside this package.
+    candidates = [package.parents[1] / "Resources" / "Models" / STARTER_MODEL_NAME,
+                  package.parent / "Resources" / "Models" / STARTER_MODEL_NAME]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise CheckpointError(candidates[0], "the bundled starter model is not there; "
+                                         "pass a checkpoint with --model")
