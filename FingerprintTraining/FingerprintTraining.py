@@ -18,6 +18,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
+# Standard library only: safe to import in a Slicer without torch.
+from SubjectFingerprintLib.process import EngineRunnerMixin
+
 try:
     from slicer.i18n import tr as _
 except ImportError:  # Slicer before 5.4
@@ -202,7 +205,7 @@ class FingerprintTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             waitForCompletion=False, onLog=self.appendLog, onProgress=self._onProgress))
 
 
-class FingerprintTrainingLogic(ScriptedLoadableModuleLogic):
+class FingerprintTrainingLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
     """Train and evaluate in a separate process; usable from scripts and batch mode.
 
     Example (batch mode)::
@@ -221,40 +224,12 @@ class FingerprintTrainingLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return FingerprintTrainingParameterNode(super().getParameterNode())
 
-    def log(self, message: str) -> None:
-        logging.info(message)
-        if self.logCallback:
-            self.logCallback(message)
-
     @staticmethod
     def ensureDependencies(interactive: bool = True) -> None:
         """torch through the PyTorch extension, then the training packages, on first use only."""
         from SubjectFingerprintLib.dependencies import ensureDependencies
 
         ensureDependencies(training=True, interactive=interactive)
-
-    @staticmethod
-    def deviceNotice(device: str = "auto") -> Optional[str]:
-        from subject_fingerprint.device import resolve_device
-
-        return resolve_device(device)[1]
-
-    def _start(self, arguments: Sequence, waitForCompletion: bool, onLog=None, onProgress=None, **attributes):
-        """Start the engine's command line; ``attributes`` (kind, paths) are kept on the process."""
-        from SubjectFingerprintLib.process import BackgroundProcess, engineCommand
-
-        if self.process is not None and self.process.running:
-            raise RuntimeError(_("Another run is still going; wait for it or cancel it."))
-        command = engineCommand(*arguments)
-        self.log(" ".join(command))
-        self.process = BackgroundProcess(command, onLog=onLog or self.log, onProgress=onProgress)
-        for name, value in attributes.items():
-            setattr(self.process, name, value)
-        self.process.start()
-        if waitForCompletion:
-            self.process.wait()
-            self.finishBackground(self.process)
-        return self.process
 
     def train(self, source: str, outDir: str, split: Optional[str] = None, manifest: Optional[str] = None,
               dims: int = 2, depth: int = 50, steps: int = 2000, batchSubjects: int = 32, device: str = "auto",
@@ -325,10 +300,6 @@ class FingerprintTrainingLogic(ScriptedLoadableModuleLogic):
         summary["message"] = _("Done; results in {path}").format(path=getattr(process, "outDir", ""))
         return summary
 
-    def cancel(self) -> None:
-        """Kill the running training or evaluation at once."""
-        if self.process is not None:
-            self.process.cancel()
 
 
 def _lastJsonObject(lines: List[str]) -> dict:

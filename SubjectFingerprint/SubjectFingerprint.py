@@ -21,6 +21,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
+# Standard library only: safe to import in a Slicer without torch.
+from SubjectFingerprintLib.process import EngineRunnerMixin
+
 try:
     from slicer.i18n import tr as _
 except ImportError:  # Slicer before 5.4
@@ -382,7 +385,7 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 #
 
 
-class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
+class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
     """Everything the panel does, usable from scripts and batch mode.
 
     The GUI calls exactly these methods; see ``Resources/Scripts/batch_find_matches.py`` for a
@@ -398,11 +401,6 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return SubjectFingerprintParameterNode(super().getParameterNode())
-
-    def log(self, message: str) -> None:
-        logging.info(message)
-        if self.logCallback:
-            self.logCallback(message)
 
     # -- model and dependencies -------------------------------------------------------------
     @staticmethod
@@ -437,12 +435,6 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
             self._modelCache = {key: load_checkpoint(path)}
         return self._modelCache[key]
 
-    @staticmethod
-    def deviceNotice(device: str = "auto") -> Optional[str]:
-        """None, or the sentence saying the requested GPU is not there and the CPU is used."""
-        from subject_fingerprint.device import resolve_device
-
-        return resolve_device(device)[1]
 
     # -- find matches ------------------------------------------------------------------------
     def findMatches(self, volumeNode, libraryPath: str, modelPath: Optional[str] = None, k: int = 10,
@@ -533,23 +525,6 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
         return int(result.added)
 
     # -- background runs -----------------------------------------------------------------------
-    def _start(self, arguments: Sequence, waitForCompletion: bool, onLog=None, onProgress=None, **attributes):
-        """Start the engine's command line; ``attributes`` (kind, paths) are kept on the process."""
-        from SubjectFingerprintLib.process import BackgroundProcess, engineCommand
-
-        if self.process is not None and self.process.running:
-            raise RuntimeError(_("Another run is still going; wait for it or cancel it."))
-        command = engineCommand(*arguments)
-        self.log(" ".join(command))
-        self.process = BackgroundProcess(command, onLog=onLog or self.log, onProgress=onProgress)
-        for name, value in attributes.items():
-            setattr(self.process, name, value)
-        self.process.start()
-        if waitForCompletion:
-            self.process.wait()
-            self.finishBackground(self.process)
-        return self.process
-
     def buildLibrary(self, folder: str, libraryPath: str, modelPath: Optional[str] = None, dataset: str = "",
                      manifest: Optional[str] = None, device: str = "auto", waitForCompletion: bool = True,
                      onLog: Optional[Callable] = None, onProgress: Optional[Callable] = None):
@@ -617,10 +592,6 @@ class SubjectFingerprintLogic(ScriptedLoadableModuleLogic):
         message = errors[-1][len("error:"):].strip() if errors else (process.lines[-1] if process.lines else "")
         raise FingerprintError(_("the run failed (exit code {code}): {message}").format(code=code, message=message))
 
-    def cancel(self) -> None:
-        """Stop the current background run at once (the library is left as it was)."""
-        if self.process is not None:
-            self.process.cancel()
 
     @staticmethod
     def readSharedSubjects(outDir: str) -> List[dict]:

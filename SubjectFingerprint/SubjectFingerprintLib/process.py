@@ -189,3 +189,46 @@ class BackgroundProcess:
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
+
+
+class EngineRunnerMixin:
+    """What both modules' Logic classes share: logging to a callback, the device notice, and
+    one background run of the engine's command line at a time."""
+
+    process: Optional[BackgroundProcess] = None
+    logCallback: Optional[Callable[[str], None]] = None
+
+    def log(self, message: str) -> None:
+        import logging
+
+        logging.info(message)
+        if self.logCallback:
+            self.logCallback(message)
+
+    @staticmethod
+    def deviceNotice(device: str = "auto") -> Optional[str]:
+        """None, or the sentence saying the requested GPU is not there and the CPU is used."""
+        from subject_fingerprint.device import resolve_device
+
+        return resolve_device(device)[1]
+
+    def _start(self, arguments: Sequence, waitForCompletion: bool, onLog=None, onProgress=None,
+               **attributes):
+        """Start the engine's command line; ``attributes`` (kind, paths) are kept on the process."""
+        if self.process is not None and self.process.running:
+            raise RuntimeError("Another run is still going; wait for it or cancel it.")
+        command = engineCommand(*arguments)
+        self.log(" ".join(command))
+        self.process = BackgroundProcess(command, onLog=onLog or self.log, onProgress=onProgress)
+        for name, value in attributes.items():
+            setattr(self.process, name, value)
+        self.process.start()
+        if waitForCompletion:
+            self.process.wait()
+            self.finishBackground(self.process)
+        return self.process
+
+    def cancel(self) -> None:
+        """Stop the current background run at once (a transactional index leaves the library as it was)."""
+        if self.process is not None:
+            self.process.cancel()
