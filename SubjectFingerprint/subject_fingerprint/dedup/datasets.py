@@ -52,24 +52,10 @@ def _from_folder(name: str, path: Path, model, device: str, batch_size: int,
     from ..library import EmbeddingLibrary
 
     found = discover([str(path)], dataset=name)
-    embedder = Embedder(model, device=device, batch_size=batch_size, progress=False)
-    records, hashes, chunks, failures = [], [], [], list(found.failures)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(found.records), desc=f"embedding {name}", unit="img")
-    for batch in embedder.iter_batches(found.records):
-        records.extend(batch.records)
-        hashes.extend(batch.content_hashes)
-        chunks.append(batch.embeddings)
-        failures.extend(batch.failures)
-        if bar is not None:
-            bar.update(len(batch.records) + len(batch.failures))
-    if bar is not None:
-        bar.close()
-    embeddings = (np.concatenate(chunks) if chunks
-                  else np.zeros((0, model.embedding_dim), np.float32))
+    embedded = Embedder(model, device=device, batch_size=batch_size).embed_records(
+        found.records, progress=progress)
+    records, hashes = embedded.records, embedded.content_hashes
+    embeddings, failures = embedded.embeddings, list(found.failures) + embedded.failures
     library = None
     if save_dir is not None and records:
         library = Path(save_dir) / f"{name}.h5"
