@@ -34,3 +34,14 @@ def shared_data() -> Path:
     if not (path / "cxr14-subset-64px" / "manifest.csv").is_file():
         pytest.skip(f"shared data not found at {path} (set SUBJECT_FINGERPRINT_SHARED_DATA)")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread: tests share 2 cores with each other and CI."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

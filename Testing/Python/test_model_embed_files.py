@@ -10,12 +10,7 @@ from subject_fingerprint.preprocess import Preprocessing
 from subject_fingerprint.records import ImageRecord
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blob(shape, seed):

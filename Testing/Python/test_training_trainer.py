@@ -18,12 +18,7 @@ TINY = dict(depth=18, size=(32, 32), batch_subjects=4, images_per_subject=3, war
             val_n_way=6, val_episodes=10, progress=False, margin=1.0, calibrate=False, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data():
