@@ -204,6 +204,9 @@ def test_top_level_cmake_is_an_extension():
     from PIL import Image
 
     assert Image.open(REPO / "Resources" / "SubjectFingerprint.png").size == (128, 128)
+    # EXTENSION_SCREENSHOTURLS names a file that exists (rendered by Resources/Screenshots/render_panel.py)
+    shot = re.search(r'EXTENSION_SCREENSHOTURLS "[^"]*/main/(Resources/[^"]+)"', text).group(1)
+    assert Image.open(REPO / shot).size[0] >= 400
 
 
 @pytest.mark.parametrize("module", MODULES)
