@@ -231,9 +231,14 @@ class BackgroundTask:
     def running(self) -> bool:
         return self._thread is not None and not self._finishedReported
 
+    # Each poll waits this long for the thread: a wait releases the GIL, so the worker progresses
+    # even in an embedded interpreter whose event loop keeps the GIL while idle.
+    SHARE_SECONDS = 0.04
+
     def poll(self) -> bool:
         if self._thread is None:
             return False
+        self._thread.join(self.SHARE_SECONDS)
         alive = self._thread.is_alive()
         while True:
             try:
