@@ -226,3 +226,15 @@ def test_module_file_imports_nothing_heavy_at_module_scope(module):
             allowed_numpy = path.name == "volumes.py"  # numpy ships with Slicer
             bad = top & (heavy - ({"numpy"} if allowed_numpy else set()))
             assert not bad, f"{path.name} imports {bad} at module scope"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_reload_reloads_every_lib_file(module):
+    """The Reload button re-imports every Lib file (Slicer's own Reload only re-reads the module file)."""
+    tree = ast.parse((REPO / module / f"{module}.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "reloadLib"]
+    assert len(calls) == 1
+    package, order = ast.literal_eval(calls[0].args[0]), ast.literal_eval(calls[0].args[1])
+    assert package == f"{module}Lib"
+    on_disk = {p.stem for p in (REPO / module / package).glob("*.py")} - {"__init__"}
+    assert set(order) == on_disk
