@@ -211,7 +211,12 @@ def ensureDependencies(training: bool = False, interactive: bool = True) -> None
         requirements = [package.requirement for package, _ in found
                         if package.distribution not in NEVER_INSTALL]  # (none are: a guard)
         logging.info("Installing %s", ", ".join(requirements))
-        pipInstall(requirements)
+        try:
+            pipInstall(requirements)
+        except Exception as exc:  # pip failed, e.g. a package that would need another torch
+            raise DependencyError("pip could not install " + ", ".join(requirements) + f" ({exc}); torch, "
+                                  "SimpleITK and numpy are kept at their installed versions, see the "
+                                  "Python console") from exc
         importlib.invalidate_caches()
         still = problems(packages)
         if still:

@@ -162,3 +162,16 @@ def test_slicer_packaging_is_used_where_it_exists(deps, fake, monkeypatch):
     deps.ensureDependencies()
     assert used["requirements"] == ["tqdm>=4.60"] and used["requester"] == "SubjectFingerprint"
     assert "SimpleITK==" in used["constraints"]
+
+
+def test_a_pip_failure_is_a_dependency_error_that_names_the_packages(deps, fake, monkeypatch):
+    import subprocess
+
+    fake_missing(deps, monkeypatch, ["monai"])
+
+    def pip(args):
+        raise subprocess.CalledProcessError(1, ["pip", "install"])
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip)
+    with pytest.raises(deps.DependencyError, match="monai>=1.3.*kept at their installed versions"):
+        deps.ensureDependencies()
