@@ -7,7 +7,8 @@ immediate. No torch or training import at module scope.
 """
 
 import slicer
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
 
 from FingerprintTrainingLib.logic import FingerprintTrainingLogic, FingerprintTrainingParameterNode  # noqa: F401
 
@@ -20,7 +21,8 @@ except ImportError:  # Slicer before 5.4
     def translate(context, text):
         return text
 
-DOCUMENTATION_URL = "https://github.com/SubjectFingerprint/SlicerSubjectFingerprint#fingerprinttraining-module-headless-training"
+DOCUMENTATION_URL = ("https://github.com/SubjectFingerprint/SlicerSubjectFingerprint"
+                     "#fingerprinttraining-module-headless-training")
 
 
 class FingerprintTraining(ScriptedLoadableModule):
@@ -37,7 +39,8 @@ class FingerprintTraining(ScriptedLoadableModule):
             "a folder of images grouped by subject, then evaluate it on held-out subjects. Training runs in "
             "a separate process: Slicer stays responsive and <b>Cancel</b> stops it at once. The run folder "
             "receives best.pt / last.pt checkpoints usable in the Subject Fingerprint module.")
-        self.parent.helpText += '<p>' + _('See the <a href="{url}">documentation</a>.').format(url=DOCUMENTATION_URL) + '</p>'
+        self.parent.helpText += "<p>" + _('See the <a href="{url}">documentation</a>.').format(
+            url=DOCUMENTATION_URL) + "</p>"
         self.parent.acknowledgementText = _(
             "Based on few-shot fingerprinting of medical images with deep metric learning. Uses PyTorch "
             "(through the PyTorch extension), MONAI, scikit-learn, scikit-image and matplotlib.")

@@ -7,7 +7,8 @@ a Slicer without PyTorch.
 """
 
 import slicer
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
 
 from SubjectFingerprintLib.logic import SubjectFingerprintLogic, SubjectFingerprintParameterNode  # noqa: F401 (scripts)
 
@@ -40,7 +41,8 @@ class SubjectFingerprint(ScriptedLoadableModule):
             "<b>Add to library</b> stores the selected volume under a subject ID; "
             "<b>Build library from folder</b> indexes a folder or a DICOM export in the background; "
             "<b>Check datasets for shared subjects</b> compares two or more datasets and writes an HTML report.")
-        self.parent.helpText += '<p>' + _('See the <a href="{url}">documentation</a>.').format(url=DOCUMENTATION_URL) + '</p>'
+        self.parent.helpText += "<p>" + _('See the <a href="{url}">documentation</a>.').format(
+            url=DOCUMENTATION_URL) + "</p>"
         self.parent.acknowledgementText = _(
             "Based on few-shot fingerprinting of medical images with deep metric learning (ResNet embeddings "
             "trained with triplet loss). Uses PyTorch (through the PyTorch extension), MONAI, pydicom, h5py "

@@ -72,7 +72,8 @@ def real_lookup():
 def main() -> int:
     from PySide6.QtCore import QBuffer, QByteArray, QIODevice
     from PySide6.QtUiTools import QUiLoader
-    from PySide6.QtWidgets import QApplication, QComboBox, QLabel, QLineEdit, QProgressBar, QTableWidget, QTableWidgetItem, QWidget
+    from PySide6.QtWidgets import (QApplication, QComboBox, QLabel, QLineEdit, QProgressBar, QTableWidget,
+                                   QTableWidgetItem, QWidget)
 
     app = QApplication.instance() or QApplication(sys.argv)
     data = QByteArray(plain_qt_ui())

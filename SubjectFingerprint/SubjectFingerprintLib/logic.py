@@ -321,7 +321,8 @@ class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
         if index >= len(pairs):
             raise ValueError(_("The report lists no shared subjects."))
         pair = pairs[index]
-        nodes = [self.loadVolumeFile(pair[f"source_{side}"], name=f"{pair[f'dataset_{side}']} {pair[f'subject_{side}']}")
+        nodes = [self.loadVolumeFile(pair[f"source_{side}"],
+                                     name=f"{pair[f'dataset_{side}']} {pair[f'subject_{side}']}")
                  for side in ("a", "b")]
         self.showSideBySide(*nodes)
         return tuple(nodes)
