@@ -7,7 +7,7 @@ the layout is the module's own but the look is plain Qt, not Slicer's. The resul
 filled by a real lookup: the bundled starter model, a library of the bundled chest X-rays, and
 one of them as the query. Runs headless (QT_QPA_PLATFORM=offscreen, or under Xvfb):
 
-    pip install --target runs/pyside6 PySide6-Essentials
+    pip install --target runs/pyside6 PySide6-Essentials     # or: pip install ".[screenshot]"
     PYTHONPATH=runs/pyside6:SubjectFingerprint QT_QPA_PLATFORM=offscreen python Resources/Screenshots/render_panel.py
 """
 
