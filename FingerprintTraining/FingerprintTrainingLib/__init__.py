@@ -1,2 +1,2 @@
-"""Helpers of the FingerprintTraining module. The process runner and dependency installer are
-shared with SubjectFingerprint (``SubjectFingerprintLib``); this package is kept for module-only helpers."""
+"""FingerprintTraining's own Logic and panel; the process runner, dependency installer and
+background-run widget mixin are shared with SubjectFingerprint (``SubjectFingerprintLib``)."""

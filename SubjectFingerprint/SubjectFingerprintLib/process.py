@@ -164,7 +164,10 @@ class BackgroundProcess:
         return self.returncode
 
     def cancel(self) -> None:
-        """Kill the child and everything it started (DataLoader workers included)."""
+        """Kill the child and everything it started (DataLoader workers included).
+
+        Returns at once: the exit is collected by the next ``poll()``, so the GUI never waits.
+        """
         if self._proc is None or self._proc.poll() is not None:
             return
         self.cancelled = True
@@ -179,16 +182,131 @@ class BackgroundProcess:
                 child.kill()
             except Exception:
                 pass
-        # Kill and reap our own child through Popen so that its real exit status is kept.
+        # Kill our own child through Popen so that poll() reaps it and keeps its real status.
         self._proc.kill()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
+
+
+class BackgroundTask:
+    """A function run on a worker thread, with the same interface as ``BackgroundProcess``.
+
+    For short in-process work (one embedding, a ranking, adding one image) that must not block
+    Qt's event loop: the function gets no Qt or MRML object, only arrays and paths prepared on
+    the main thread. ``returncode`` is 0 on success and 2 when it raised (``error``); ``result``
+    is its return value. Cancel cannot stop a thread: its result is then dropped.
+    """
+
+    def __init__(self, function: Callable, kind: str = "", onLog: Optional[Callable] = None,
+                 onFinished: Optional[Callable] = None):
+        self.function, self.kind = function, kind
+        self.onLog, self.onFinished = onLog, onFinished
+        self.lines: List[str] = []
+        self.returncode: Optional[int] = None
+        self.cancelled = False
+        self.result = None
+        self.error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        self._queue: "queue.Queue" = queue.Queue()
+        self._finishedReported = False
+
+    def log(self, line: str) -> None:
+        """Called by the function (any thread): delivered to ``onLog`` from ``poll()``."""
+        self._queue.put(str(line))
+
+    def start(self) -> "BackgroundTask":
+        def run():
+            try:
+                self.result = self.function(self)
+            except BaseException as exc:  # reported to the caller by poll()/finishBackground
+                self.error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._finishedReported
+
+    # Each poll waits this long for the thread: a wait releases the GIL, so the worker progresses
+    # even in an embedded interpreter whose event loop keeps the GIL while idle.
+    SHARE_SECONDS = 0.04
+
+    def poll(self) -> bool:
+        if self._thread is None:
+            return False
+        self._thread.join(self.SHARE_SECONDS)
+        alive = self._thread.is_alive()
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self.lines.append(line)
+            if self.onLog:
+                self.onLog(line)
+        if alive:
+            return True
+        if not self._finishedReported:
+            self._finishedReported = True
+            self.returncode = 0 if self.error is None else 2
+            if self.onFinished:
+                self.onFinished(self.returncode, self.cancelled)
+        return False
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        while self.poll():
+            self._thread.join(0.05)
+        return self.returncode
+
+    def cancel(self) -> None:
+        if self.running:
+            self.cancelled = True
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+# -- what an exit code means -------------------------------------------------------------------
+OK, WARNINGS, CANCELLED, FAILED = "ok", "warnings", "cancelled", "failed"
+# Exit codes of ``subject_fingerprint`` that are not failures, per command: index and query
+# exit 1 when some files could not be read (the rest was done); dedup exits 1 only with
+# --fail-on-overlap, which the modules never pass, so a 1 from it is a crash.
+_WARNING_CODES = {"index": (1,), "query": (1,)}
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def runOutcome(kind: str, returncode: Optional[int], cancelled: bool, lines: Sequence[str] = ()) -> str:
+    """OK, WARNINGS, CANCELLED or FAILED for a finished run, read exactly from its exit code.
+
+    A Python crash also exits with 1, so a 1 that printed a traceback is a failure for every
+    command (a crash is never "done with warnings").
+    """
+    if cancelled:
+        return CANCELLED
+    if returncode == 0:
+        return OK
+    crashed = any(_TRACEBACK in line for line in lines)
+    if not crashed and returncode in _WARNING_CODES.get(kind, ()):
+        return WARNINGS
+    return FAILED
+
+
+def failureMessage(process) -> str:
+    """The tool's own last ``error:`` line, else the last line of a traceback, else the last line."""
+    lines = list(getattr(process, "lines", []))
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1][len("error:"):].strip()
+    if getattr(process, "error", None) is not None:
+        return str(process.error)
+    return lines[-1] if lines else ""
 
 
 class EngineRunnerMixin:
@@ -228,7 +346,133 @@ class EngineRunnerMixin:
             self.finishBackground(self.process)
         return self.process
 
+    def _startTask(self, function: Callable, kind: str, waitForCompletion: bool, onLog=None, **attributes):
+        """Run ``function(task)`` on a worker thread as the current run (see ``BackgroundTask``)."""
+        if self.process is not None and self.process.running:
+            raise RuntimeError("Another run is still going; wait for it or cancel it.")
+        self.process = BackgroundTask(function, kind=kind, onLog=onLog or self.log)
+        for name, value in attributes.items():
+            setattr(self.process, name, value)
+        self.process.start()
+        if waitForCompletion:
+            self.process.wait()
+            self.finishBackground(self.process)  # raises the function's own error
+            return self.process.result
+        return self.process
+
     def cancel(self) -> None:
         """Stop the current background run at once (a transactional index leaves the library as it was)."""
         if self.process is not None:
             self.process.cancel()
+
+
+class BackgroundRunWidgetMixin:
+    """The panel side of a background run, shared by both modules' widgets.
+
+    The run's button becomes Cancel, a QTimer polls the run, and when it ends the Logic's
+    ``finishBackground`` is shown. Errors are displayed and never skip ``_updateButtons``
+    (``slicer.util.tryWithErrorDisplay`` re-raises, which left the buttons disabled).
+    The widget provides ``logic``, ``ui.progressBar``, ``ui.statusLabel``, ``appendLog``
+    and ``_updateButtons``.
+    """
+
+    POLL_INTERVAL_MS = 200
+    _running = None  # (button, its text, the run, onDone) while a run is active
+    _timer = None
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def isRunButton(self, button) -> bool:
+        return self._running is not None and self._running[0] is button
+
+    def showError(self, message: str, exc: BaseException) -> None:
+        """The error box in Slicer (none in testing mode), the log everywhere."""
+        import logging
+        import traceback
+
+        logging.error("%s %s", message, exc)
+        self.appendLog(f"{message} {exc}")
+        try:
+            import slicer
+
+            if hasattr(slicer, "app") and not slicer.app.testingEnabled():
+                slicer.util.errorDisplay(f"{message}\n\n{exc}", detailedText=traceback.format_exc())
+        except Exception:  # no GUI to show it in: the log has it
+            pass
+
+    def _makeTimer(self):
+        import qt
+
+        timer = qt.QTimer()
+        timer.setInterval(self.POLL_INTERVAL_MS)
+        timer.connect("timeout()", self.pollBackground)
+        return timer
+
+    def startBackground(self, button, start: Callable, onDone: Optional[Callable] = None,
+                        prepare: Optional[Callable] = None) -> None:
+        """``prepare()`` (dependencies, device notice), then ``start()`` -> a run; its button becomes Cancel.
+
+        Clicking the button of the active run cancels it; other run buttons do nothing meanwhile.
+        ``onDone(run, summary)`` is called after a successful finish.
+        """
+        if self._running is not None:
+            if self._running[0] is button:
+                self.appendLog("Cancelling...")
+                self.logic.cancel()
+            return
+        try:
+            if prepare is not None:
+                prepare()
+            run = start()
+            self._running = (button, button.text, run, onDone)
+            button.text = "Cancel"
+            self.ui.progressBar.setVisible(True)
+            self.ui.progressBar.setRange(0, 0)  # busy until the first progress line
+            if self._timer is None:
+                self._timer = self._makeTimer()
+            self._timer.start()
+        except Exception as exc:
+            self.showError("Could not start.", exc)
+        finally:
+            self._updateButtons()
+
+    def onProgress(self, done: int, total: int) -> None:
+        self.ui.progressBar.setRange(0, max(total, 1))
+        self.ui.progressBar.setValue(done)
+
+    def pollBackground(self) -> None:
+        if self._running is None:
+            return
+        button, text, run, onDone = self._running
+        if run.poll():
+            return
+        self.stopBackgroundTimer()
+        self._running = None
+        button.text = text
+        self.ui.progressBar.setVisible(False)
+        try:
+            summary = self.logic.finishBackground(run)
+            message = summary.get("message", "") if isinstance(summary, dict) else str(summary)
+            self.ui.statusLabel.text = message
+            self.appendLog(message)
+            if onDone is not None and not run.cancelled:
+                onDone(run, summary)
+        except Exception as exc:
+            self.ui.statusLabel.text = str(exc)
+            self.showError("The run failed.", exc)
+        finally:
+            self._updateButtons()
+
+    def stopBackgroundTimer(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+
+    def cleanupBackground(self) -> None:
+        """For the widget's ``cleanup()`` (also on Reload): stop polling and cancel the run."""
+        self.stopBackgroundTimer()
+        self._timer = None
+        if self._running is not None:
+            self._running = None
+            self.logic.cancel()

@@ -1,55 +1,71 @@
-"""Between Slicer volume/table nodes and the engine's images and results.
+"""Volume I/O between Slicer and the engine: volume nodes to engine images and files to nodes.
 
-The engine's arrays are (rows, cols) for 2D and (z, y, x) in LPS for 3D, the layout its
-own readers produce, so a volume loaded in Slicer embeds like the same file read by the engine.
-numpy is the only non-Slicer import; the engine's ``records`` module is imported lazily.
+A volume node goes to the engine as ``sitkUtils.PullVolumeFromSlicer`` would give it (a
+SimpleITK image with the node's spacing, origin and direction in LPS) and then through the
+engine's own ``to_array``, so a volume loaded in Slicer embeds exactly like the same file read
+by the engine. Images the engine reads (DICOM folders, X-ray DICOM with LUTs) come back as
+volume nodes with display nodes and their full geometry, as ``slicer.util.addVolumeFromArray``
+makes them. numpy is the only non-Slicer import at module scope.
 """
 
 import os
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-RESULT_COLUMNS = ("rank", "subject", "dataset", "image", "distance", "probability", "source")
-HIDDEN_COLUMNS = ("source",)
-COLUMN_TITLES = {"rank": "Rank", "subject": "Subject", "dataset": "Dataset", "image": "Image",
-                 "distance": "Distance", "probability": "Same-subject probability", "source": "Source"}
+SOURCE_ATTRIBUTE = "SubjectFingerprint.source"
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
+# Weights the engine's raster and volume readers use for colour images.
+_LUMINANCE = np.array([0.299, 0.587, 0.114])
 
 
-def ijkToLpsMatrix(volumeNode) -> np.ndarray:
-    """The 3x3 direction*spacing matrix of the volume, in LPS (Slicer stores RAS)."""
+def _matrix3(vtkMatrix) -> np.ndarray:
+    return np.array([[vtkMatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volumeNodeToSitkImage(volumeNode):
+    """The node's voxels as a 3D SimpleITK image in LPS (what ``PullVolumeFromSlicer`` gives).
+
+    Vector volumes (RGB) become grey with the engine's luminance weights.
+    """
+    import SimpleITK as sitk
+    import slicer
     import vtk
 
+    if volumeNode is None or volumeNode.GetImageData() is None:
+        raise ValueError("select a volume that has image data")
+    array = slicer.util.arrayFromVolume(volumeNode)  # (k, j, i) or (k, j, i, components)
+    if array.ndim == 4:
+        array = array[..., :3] @ _LUMINANCE[: array.shape[-1]] if array.shape[-1] >= 3 else array[..., 0]
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    ras = np.array([[matrix.GetElement(r, c) for c in range(3)] for r in range(3)])
-    return np.diag([-1.0, -1.0, 1.0]) @ ras
+    ijkToLps = _RAS_FROM_LPS @ _matrix3(matrix)[:3, :]
+    columns = ijkToLps[:, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError(f"{volumeNode.GetName()}: degenerate IJK to RAS matrix (zero spacing)")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in ijkToLps[:, 3]])
+    image.SetDirection([float(v) for v in (columns / spacing).ravel()])
+    return image
 
 
-def volumeArrayToLps(array_kji: np.ndarray, ijkToLps: np.ndarray):
-    """Reorder a Slicer (k, j, i) array to (z, y, x) with x along L, y along P, z along S.
+def volumeToArray(volumeNode):
+    """``(array, spacing)`` in the engine's layout: (rows, cols) for one slice, else (z, y, x) LPS."""
+    from subject_fingerprint.io.volumes import to_array
 
-    Each voxel axis goes to the LPS axis it is closest to (as ITK's DICOMOrient does);
-    returns ``(array_zyx, spacing_zyx)``.
-    """
-    arr_ijk = np.asarray(array_kji).transpose(2, 1, 0)
-    columns = ijkToLps.T  # row a = direction*spacing of voxel axis a
-    target = [int(np.argmax(np.abs(c))) for c in columns]
-    if sorted(target) != [0, 1, 2]:
-        raise ValueError("the volume's axes are not a rotation of LPS (degenerate IJK to RAS matrix)")
-    perm = [target.index(t) for t in range(3)]  # voxel axis that becomes x, y, z
-    arr_xyz = arr_ijk.transpose(perm)
-    spacing_xyz = []
-    for t, a in enumerate(perm):
-        if columns[a][t] < 0:
-            arr_xyz = np.flip(arr_xyz, axis=t)
-        spacing_xyz.append(float(np.linalg.norm(columns[a])))
-    return np.ascontiguousarray(arr_xyz.transpose(2, 1, 0)), tuple(reversed(spacing_xyz))
+    return to_array(volumeNodeToSitkImage(volumeNode), volumeNode.GetName())
 
 
 def volumeSourcePath(volumeNode) -> str:
     """The file the volume was loaded from, or "" for a volume made in the scene."""
-    storage = volumeNode.GetStorageNode() if volumeNode is not None else None
+    if volumeNode is None:
+        return ""
+    attribute = volumeNode.GetAttribute(SOURCE_ATTRIBUTE)
+    if attribute:
+        return attribute
+    storage = volumeNode.GetStorageNode()
     return (storage.GetFileName() or "") if storage is not None else ""
 
 
@@ -89,25 +105,10 @@ def volumeModality(volumeNode) -> str:
 
 def volumeToLoadedImage(volumeNode, subjectId: str = "", imageId: str = "", modality: Optional[str] = None,
                         dataset: str = ""):
-    """A scalar volume node as the engine's ``LoadedImage``.
-
-    A volume with one slice becomes a 2D image (rows, cols); anything else a 3D (z, y, x)
-    volume in LPS. Multi-component (RGB) volumes are averaged to grey.
-    """
-    import slicer
+    """A volume node as the engine's ``LoadedImage`` (see ``volumeToArray``)."""
     from subject_fingerprint.records import ImageRecord, LoadedImage
 
-    if volumeNode is None or volumeNode.GetImageData() is None:
-        raise ValueError("select a volume that has image data")
-    array = slicer.util.arrayFromVolume(volumeNode)
-    if array.ndim == 4:  # (k, j, i, components)
-        array = array.mean(axis=-1)
-    array, spacing = volumeArrayToLps(array, ijkToLpsMatrix(volumeNode))
-    singleton = [axis for axis, n in enumerate(array.shape) if n == 1]
-    if singleton and array.ndim == 3 and min(array.shape) == 1:
-        axis = singleton[0]
-        array = np.squeeze(array, axis=axis)
-        spacing = tuple(s for a, s in enumerate(spacing) if a != axis)
+    array, spacing = volumeToArray(volumeNode)
     source = volumeSourcePath(volumeNode) or volumeNode.GetName()
     record = ImageRecord(source=source, subject_id=subjectId,
                          image_id=imageId or os.path.basename(source) or volumeNode.GetName(),
@@ -116,81 +117,112 @@ def volumeToLoadedImage(volumeNode, subjectId: str = "", imageId: str = "", moda
     return LoadedImage(array=array.astype(np.float32, copy=False), spacing=tuple(spacing), record=record)
 
 
-def resultRows(result, sourceLookup=None) -> List[dict]:
-    """One dict per candidate subject of a ``QueryResult``, closest first.
+# -- files to volume nodes ---------------------------------------------------------------------
 
-    The image shown for a subject is its closest image; its file path comes from the
-    result's image list, or ``sourceLookup(subject_id, image_id)`` when not listed there.
+def sitkImageToVolumeNode(image, name: str = ""):
+    """A SimpleITK image (2D or 3D, LPS world) as a new scalar volume node with display nodes."""
+    import SimpleITK as sitk
+    import slicer
+
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+    spacing = np.array(image.GetSpacing(), float)
+    direction = np.array(image.GetDirection(), float).reshape(3, 3)
+    ijkToRAS = np.eye(4)
+    ijkToRAS[:3, :3] = _RAS_FROM_LPS @ direction @ np.diag(spacing)
+    ijkToRAS[:3, 3] = _RAS_FROM_LPS @ np.array(image.GetOrigin(), float)
+    array = sitk.GetArrayFromImage(image)
+    return slicer.util.addVolumeFromArray(np.ascontiguousarray(array), ijkToRAS=ijkToRAS, name=name)
+
+
+def _engineSitkImage(path: str):
+    """What the engine reads at ``path`` as a SimpleITK image with as much geometry as it has."""
+    import SimpleITK as sitk
+    from subject_fingerprint.io import dicom, read_image
+
+    if os.path.isdir(path):
+        return dicom.read_series(dicom.series_files_in_folder(path))
+    if dicom.is_dicom_file(path):
+        info = dicom.header_info(path)
+        if info.frames > 1 and info.enhanced and info.modality in dicom.VOLUME_MODALITIES:
+            return dicom.read_enhanced(path)
+        if info.is_slice:
+            return dicom.read_series([path])
+    loaded = read_image(path)  # projections, rasters, anything else: LPS-aligned pixels
+    image = sitk.GetImageFromArray(np.ascontiguousarray(loaded.array, dtype=np.float32))
+    image.SetSpacing([float(s) for s in reversed(loaded.spacing)])
+    return image
+
+
+def readWithEngine(path: str, name: str = ""):
+    """Read ``path`` (file or DICOM series folder) with the engine into a new volume node."""
+    node = sitkImageToVolumeNode(_engineSitkImage(str(path)), name or stem(path))
+    node.SetAttribute(SOURCE_ATTRIBUTE, str(path))
+    return node
+
+
+def readWithArchetype(path: str, name: str = ""):
+    """Read a file with Slicer's volume archetype storage node (no application needed)."""
+    import slicer
+
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(path)
+    storage.SetSingleFile(True)
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                              slicer.mrmlScene.GenerateUniqueName(name or stem(path)))
+    if not storage.ReadData(node):
+        slicer.mrmlScene.RemoveNode(node)
+        return None
+    slicer.mrmlScene.AddNode(storage)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def findLoadedVolume(path: str):
+    """A volume node already loaded from ``path`` by ``loadVolumeFile``, or None."""
+    import slicer
+
+    path = os.path.abspath(str(path))
+    for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+        if node.GetAttribute(SOURCE_ATTRIBUTE) == path:
+            return node
+    return None
+
+
+def loadVolumeFile(path: str, name: Optional[str] = None, reuse: bool = True):
+    """Load an image file (or a DICOM series folder) as a volume node with display nodes.
+
+    In Slicer this is ``slicer.util.loadVolume``; without Slicer's application (batch tests,
+    slicer-core) the archetype reader. What they cannot read (DICOM series folders, X-ray DICOM
+    with LUTs, files ITK cannot open) is read by the engine. With ``reuse`` a file loaded
+    before is not loaded again: its node is returned.
     """
-    sources = {(m.subject_id, m.image_id): m.source for m in result.images}
-    rows = []
-    for match in result.subjects:
-        source = sources.get((match.subject_id, match.image_id))
-        if source is None and sourceLookup is not None:
-            source = sourceLookup(match.subject_id, match.image_id)
-        rows.append({"rank": int(match.rank), "subject": match.subject_id, "dataset": match.dataset,
-                     "image": match.image_id, "distance": float(match.distance),
-                     "probability": None if match.probability is None else float(match.probability),
-                     "source": source or ""})
-    return rows
+    import slicer
+
+    path = os.path.abspath(str(path))
+    node = findLoadedVolume(path) if reuse else None
+    if node is not None:
+        return node
+    if os.path.isfile(path):
+        if hasattr(slicer, "app"):
+            try:
+                node = slicer.util.loadVolume(path, properties={"singleFile": True, "show": False})
+            except Exception:  # loadVolume raises when no reader takes the file
+                node = None
+        else:
+            node = readWithArchetype(path)
+    if node is None:
+        node = readWithEngine(path)
+    node.SetAttribute(SOURCE_ATTRIBUTE, path)
+    if name:
+        node.SetName(name)
+    return node
 
 
-def rowsToTable(rows: Sequence[dict], tableNode):
-    """Fill ``tableNode`` (a vtkMRMLTableNode) with typed columns; returns it.
-
-    A missing probability (uncalibrated model) is stored as NaN and shown as such.
-    """
-    import vtk
-
-    wasModifying = tableNode.StartModify()
-    try:
-        tableNode.RemoveAllColumns()
-        table = tableNode.GetTable()
-        kinds = {"rank": vtk.vtkIntArray, "distance": vtk.vtkDoubleArray, "probability": vtk.vtkDoubleArray}
-        arrays = {}
-        for name in RESULT_COLUMNS:
-            array = kinds.get(name, vtk.vtkStringArray)()
-            array.SetName(name)
-            arrays[name] = array
-        for row in rows:
-            for name, array in arrays.items():
-                value = row.get(name)
-                if name == "probability" and value is None:
-                    value = float("nan")
-                if isinstance(array, vtk.vtkStringArray):
-                    array.InsertNextValue("" if value is None else str(value))
-                else:
-                    array.InsertNextValue(value)
-        for name in RESULT_COLUMNS:
-            table.AddColumn(arrays[name])
-        # Column titles are the view's header (otherwise the first row would be shown as header).
-        tableNode.SetUseColumnTitleAsColumnHeader(True)
-        for name, title in COLUMN_TITLES.items():
-            tableNode.SetColumnTitle(name, title)
-        tableNode.SetLocked(True)
-        table.Modified()
-    finally:
-        tableNode.EndModify(wasModifying)
-    return tableNode
-
-
-def tableToRows(tableNode) -> List[dict]:
-    """The rows of a results table as dicts (inverse of ``rowsToTable``)."""
-    table = tableNode.GetTable()
-    rows = []
-    for r in range(table.GetNumberOfRows()):
-        row = {}
-        for name in RESULT_COLUMNS:
-            column = table.GetColumnByName(name)
-            if column is None:
-                continue
-            value = column.GetValue(r)
-            if name == "rank":
-                value = int(value)
-            elif name in ("distance", "probability"):
-                value = float(value)
-                if name == "probability" and value != value:
-                    value = None
-            row[name] = value
-        rows.append(row)
-    return rows
+def stem(path: str) -> str:
+    name = os.path.basename(os.path.normpath(str(path)))
+    for ext in (".nii.gz", ".seg.nrrd"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0] or name

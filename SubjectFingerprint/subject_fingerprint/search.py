@@ -187,6 +187,7 @@ class SubjectMatch:
     distance: float
     probability: Optional[float] = None
     image_id: str = ""
+    source: str = ""  # file of the closest image, already read for the ranking
 
     def to_dict(self) -> dict:
         d = {"rank": self.rank, "subject_id": self.subject_id, "dataset": self.dataset,
@@ -306,5 +307,5 @@ def rank(library, query_embeddings, k: int = 10, calibration=None,
             result.images.append(ImageMatch(r, sid, iid, ds, d, p, src, row))
         p_sub = _probabilities(calibration, [s[2] for s in subjects])
         for r, ((sid, ds, d, row), p) in enumerate(zip(subjects, p_sub), start=1):
-            result.subjects.append(SubjectMatch(r, sid, ds, d, p, names[row][0]))
+            result.subjects.append(SubjectMatch(r, sid, ds, d, p, *names[row]))
     return results

@@ -103,7 +103,7 @@ def _save(ds: Dataset, path, transfer_syntax) -> Path:
     else:
         # pydicom encodes RLE itself; JPEG 2000 / JPEG-LS need pylibjpeg-openjpeg / pyjpegls.
         ds.compress(transfer_syntax)
-    ds.save_as(path, enforce_file_format=True)
+    _save_file(ds, path)
     return path
 
 
@@ -275,9 +275,21 @@ def write_dicomdir(path) -> Path:
     ds.DirectoryRecordSequence = DicomSequence([])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    _save_file(ds, path)
     return path
 
 
 __all__ = ["write_xray", "write_mr_series", "write_enhanced_mr", "write_non_image", "write_sr",
            "write_dicomdir", "RLELossless", "JPEGBaseline8Bit", "ExplicitVRLittleEndian", "ImplicitVRLittleEndian"]
+
+
+def _save_file(ds, path) -> None:
+    """Write with file meta and preamble (pydicom 3: enforce_file_format, 2.x: write_like_original)."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        syntax = ds.file_meta.TransferSyntaxUID
+        ds.is_little_endian, ds.is_implicit_VR = syntax.is_little_endian, syntax.is_implicit_VR
+        ds.save_as(path, write_like_original=False)

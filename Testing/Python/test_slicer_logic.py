@@ -115,9 +115,10 @@ def test_dicom_xray_volume(sf, tiny, tmp_path):
 
 
 def test_lps_reorientation_of_a_flipped_volume(sf):
-    """A volume stored with flipped/permuted axes comes back as the same (z, y, x) LPS array."""
-    from SubjectFingerprintLib.volumes import volumeArrayToLps
+    """A volume node with flipped/permuted axes comes back as the same (z, y, x) LPS array."""
+    from SubjectFingerprintLib.volumes import volumeToArray
 
+    slicer_harness.new_scene()
     rng = np.random.default_rng(0)
     zyx = rng.random((3, 4, 5)).astype(np.float32)
     # store it with i along -x... : array (k, j, i) = (x, z, y) reversed in x
@@ -126,9 +127,12 @@ def test_lps_reorientation_of_a_flipped_volume(sf):
     ijk_to_lps[1, 0] = 0.5    # i -> y (P), 0.5 mm
     ijk_to_lps[2, 1] = 2.0    # j -> z (S), 2 mm
     ijk_to_lps[0, 2] = -1.0   # k -> -x (R), 1 mm
-    out, spacing = volumeArrayToLps(kji, ijk_to_lps)
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ ijk_to_lps
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(kji), ijkToRAS=ijk_to_ras)
+    out, spacing = volumeToArray(node)
     assert np.array_equal(out, zyx)
-    assert spacing == (2.0, 0.5, 1.0)
+    assert np.allclose(spacing, (2.0, 0.5, 1.0))
 
 
 def test_results_table_is_a_real_table_node(sf, tiny):

@@ -19,6 +19,8 @@ for name in ("torch", "monai"):
 import slicer_harness
 slicer_harness.install()
 import SubjectFingerprint, FingerprintTraining
+import SubjectFingerprintLib.widget, SubjectFingerprintLib.views, SubjectFingerprintLib.sampledata
+import SubjectFingerprintLib.selftest, FingerprintTrainingLib.widget, FingerprintTrainingLib.selftest
 from SubjectFingerprintLib import dependencies
 logic = SubjectFingerprint.SubjectFingerprintLogic()
 params = logic.getParameterNode()

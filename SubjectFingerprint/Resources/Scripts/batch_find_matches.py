@@ -2,8 +2,11 @@
 
     Slicer --no-main-window --python-script batch_find_matches.py FOLDER LIBRARY OUT.csv [--model M] [-k K] [--device D]
 
-(also runs with ``PythonSlicer`` or any Python where the SubjectFingerprint module folder is on
-``sys.path``). Each image file in FOLDER (NRRD, NIfTI, MetaImage, PNG, JPEG, TIFF, DICOM) is
+This needs Slicer's application: ``slicer.mrmlScene`` and the ScriptedLoadableModule base
+classes (which import ``qt`` and ``ctk``) exist there, also without a main window, but not in
+``PythonSlicer``, which is Slicer's plain Python. Without Slicer use the engine's command line
+instead (``PythonSlicer -m subject_fingerprint query ...`` or ``subject-fingerprint query``).
+Each image file in FOLDER (NRRD, NIfTI, MetaImage, PNG, JPEG, TIFF, DICOM) is
 loaded as a volume node and looked up with ``SubjectFingerprintLogic.findMatches``; OUT.csv
 gets one row per candidate: query, rank, subject, dataset, image, distance, probability.
 Files that fail are reported on stderr and in the CSV (``error`` column) and do not stop the run.

@@ -110,7 +110,10 @@ def _ensure_transfer_syntax(ds):
         return
     if meta is None:
         ds.file_meta = meta = FileMetaDataset()
-    implicit, little = ds.original_encoding
+    if hasattr(ds, "original_encoding"):
+        implicit, little = ds.original_encoding
+    else:  # pydicom 2.x records the encoding it read on the data set itself
+        implicit, little = ds.is_implicit_VR, ds.is_little_endian
     if implicit is None:
         implicit, little = True, True
     meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
@@ -312,11 +315,38 @@ def series_files_in_folder(folder) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- pixels
+# pydicom 3 moved the LUT helpers to ``pydicom.pixels`` and replaced the 2.x pixel data
+# handlers with decoders; Slicer 5.8/5.10 ship pydicom 2.4, so both are supported.
+
+def _lut_functions():
+    """(apply_modality_lut, apply_voi_lut, apply_color_lut) of the installed pydicom."""
+    try:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut, apply_color_lut
+
+
+def decoder_status(tsyntax) -> str:
+    """"ok", "unsupported" (pydicom has no decoder) or "unavailable" (no plugin installed)."""
+    try:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pydicom 2.x: a list of handlers, each for some transfer syntaxes
+        from pydicom import config
+
+        handlers = [h for h in config.pixel_data_handlers if h.supports_transfer_syntax(tsyntax)]
+        if not handlers:
+            return "unsupported"
+        return "ok" if any(h.is_available() for h in handlers) else "unavailable"
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        return "unsupported"
+    return "ok" if decoder.is_available else "unavailable"
+
 
 def _decode(ds, path) -> np.ndarray:
     """``ds.pixel_array`` with a clear error for missing decoders and damaged data."""
-    from pydicom.pixels import get_decoder
-
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(path, "DICOM file has no pixel data")
     meta = getattr(ds, "file_meta", None)
@@ -324,12 +354,11 @@ def _decode(ds, path) -> np.ndarray:
     ts_label = ""
     if tsyntax is not None:
         ts_label = f"{tsyntax.name} ({tsyntax})" if tsyntax.name != str(tsyntax) else str(tsyntax)
-        try:
-            decoder = get_decoder(tsyntax)
-        except NotImplementedError:
+        status = decoder_status(tsyntax)
+        if status == "unsupported":
             raise ImageReadError(
                 path, f"unsupported transfer syntax {ts_label}: pydicom has no decoder for it")
-        if not decoder.is_available:
+        if status == "unavailable":
             raise ImageReadError(
                 path, f"unsupported transfer syntax {ts_label}: no installed decoder plugin "
                       "(install pylibjpeg with its libjpeg/openjpeg plugins, or python-gdcm)")
@@ -357,9 +386,7 @@ def _to_grey(arr: np.ndarray, ds, path) -> np.ndarray:
     """One grey channel: RGB (pydicom already converts YBR) to luminance, palette via its LUT."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        arr = apply_color_lut(arr, ds)
+        arr = _lut_functions()[2](arr, ds)
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1 or photometric == "PALETTE COLOR":
         if arr.shape[-1] < 3:
             raise ImageReadError(path, f"unexpected colour layout {arr.shape}")
@@ -386,7 +413,7 @@ def read_projection(path) -> Tuple[np.ndarray, Tuple[float, float], object]:
     Applies the Modality LUT (or rescale), then for projection images the VOI LUT or window,
     then inverts MONOCHROME1. Returns (array, (row, col) spacing, the dataset).
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    apply_modality_lut, apply_voi_lut, _ = _lut_functions()
 
     path = str(path)
     ds = read_dataset(path)
@@ -455,7 +482,7 @@ def read_series(files: Sequence[str]):
     Slices are re-sorted along the slice normal here too, so the order of ``files`` does
     not matter. Each slice gets its own rescale slope/intercept.
     """
-    from pydicom.pixels import apply_modality_lut
+    apply_modality_lut = _lut_functions()[0]
 
     if not files:
         raise ImageReadError("", "empty DICOM series")
