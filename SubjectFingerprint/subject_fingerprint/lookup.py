@@ -28,6 +28,9 @@ class IndexReport:
     added: int = 0
     duplicates: int = 0
     failures: List[Failure] = field(default_factory=list)
+    # DICOM objects that hold no image (SR, KO, presentation states, DICOMDIR): not failures.
+    not_images: List[Failure] = field(default_factory=list)
+    notices: List[str] = field(default_factory=list)
     discovered: int = 0
     cancelled: bool = False
     seconds: float = 0.0
@@ -38,6 +41,8 @@ class IndexReport:
             "added": self.added,
             "duplicates": self.duplicates,
             "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "not_images": [{"path": f.path, "reason": f.reason} for f in self.not_images],
+            "notices": list(self.notices),
             "cancelled": self.cancelled,
             "seconds": round(self.seconds, 3),
         }
@@ -104,7 +109,8 @@ def index(
     started = time.perf_counter()
     fmodel = resolve_model(model)
     found = discover([str(s) for s in sources], manifest=manifest, dataset=dataset)
-    report = IndexReport(discovered=len(found.records), failures=list(found.failures))
+    report = IndexReport(discovered=len(found.records), failures=list(found.failures),
+                         not_images=list(found.skipped), notices=list(found.notices))
     update, close = _progress_reporter(progress, len(found.records), "embedding")
     embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers)
 
