@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from subject_fingerprint.csvsafe import SafeDictWriter
 
 from . import distributed as ddp
 from .augment import AugmentConfig, augment
@@ -375,7 +376,7 @@ class Trainer:
     def _write_log(self) -> None:
         path = self.out / "log.csv"
         with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            w = SafeDictWriter(fh, fieldnames=LOG_COLUMNS, extrasaction="ignore")
             w.writeheader()
             for row in self.rows:
                 w.writerow(row)
