@@ -125,8 +125,11 @@ def _run_query(args) -> int:
     from .lookup import query
 
     failures: list = []
+    notices: list = []
     results = query(args.images, args.library, model=args.model, k=args.k,
-                    device=args.device, failures=failures)
+                    device=args.device, failures=failures, notices=notices)
+    for notice in notices:
+        print(f"note: {printable(notice)}", file=sys.stderr)
     answers = [{"query": r.query, **r.to_dict()} for r in results]
     if args.json:
         print(json.dumps(answers, indent=2))

@@ -145,6 +145,18 @@ def index(
     return report
 
 
+def _calibration_notice(lib, fmodel) -> str:
+    """Say so when the probabilities come from another calibration than the library recorded."""
+    from .checkpoint import calibration_id
+
+    recorded = calibration_id(lib.model_metadata.get("calibration"))
+    current = calibration_id(fmodel.metadata.get("calibration"))
+    if not recorded or recorded == current:
+        return ""
+    return (f"{lib.path} was built with calibration {recorded}; the model now has "
+            f"{current or 'none'}: probabilities follow the model's calibration")
+
+
 def load_query_image(image) -> LoadedImage:
     """A query given as a path (file or DICOM series folder) or an already loaded image."""
     if isinstance(image, LoadedImage):
@@ -161,8 +173,12 @@ def query(
     k: int = 10,
     device: str = "auto",
     failures: Optional[List[Failure]] = None,
+    notices: Optional[List[str]] = None,
 ):
     """Rank the library's images and subjects for each query image.
+
+    ``notices`` (a list) receives remarks that are not failures: a model whose calibration
+    differs from the one the library recorded when it was built.
 
     ``images`` are paths or :class:`LoadedImage` objects. A bad image raises, unless a list
     is passed as ``failures``: then it is recorded there and skipped. Returns one
@@ -176,6 +192,11 @@ def query(
     with EmbeddingLibrary.open(library, mode="r", model=fmodel) as lib:
         if len(lib) == 0:
             raise LibraryError(f"{library}: the library is empty; index some images first")
+        note = _calibration_notice(lib, fmodel)
+        if note:
+            logger.info("%s", note)
+            if notices is not None:
+                notices.append(note)
         names, loaded = [], []
         for image in images:
             name = image.record.source if isinstance(image, LoadedImage) else str(image)
