@@ -63,8 +63,7 @@ REMOVER = textwrap.dedent("""
 def _env():
     env = dict(os.environ)
     root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "SubjectFingerprint"),
-                                         env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = env.get("PYTHONPATH") or str(root / "SubjectFingerprint")
     return env
 
 

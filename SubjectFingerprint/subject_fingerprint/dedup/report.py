@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..csvsafe import SafeDictWriter
+from ..csvsafe import SafeDictWriter, printable
 
 SUBJECT_COLUMNS = ["dataset_a", "subject_a", "dataset_b", "subject_b", "probability",
                    "min_distance", "n_close_pairs", "image_a", "image_b", "source_a", "source_b"]
@@ -232,7 +232,8 @@ def write_html(path: Path, summary: dict, subject_table: List[dict], histogram: 
             parts.append(f"<li>{e(f['path'])}: {e(f['reason'])}</li>")
         parts.append("</ul>")
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    # printable: file names that are not UTF-8 show escaped (\xe9) instead of failing.
+    path.write_text(printable("\n".join(parts)), encoding="utf-8")
 
 
 def write_report(out_dir: Path, datasets, subject_pairs, image_pairs, summary: dict,

@@ -15,7 +15,12 @@ QUIET_LOGGERS = ("pydicom",)
 
 @contextlib.contextmanager
 def quiet_dependency_loggers(names=QUIET_LOGGERS):
-    loggers = [logging.getLogger(name) for name in names]
+    # Records go to the logger that made them (pydicom.pixels.decoders.base, ...): silence
+    # each logger of the family, not only the parent.
+    known = list(logging.root.manager.loggerDict)
+    loggers = [logging.getLogger(n) for n in known
+               if any(n == name or n.startswith(name + ".") for name in names)]
+    loggers += [logging.getLogger(name) for name in names if name not in known]
     before = [lg.disabled for lg in loggers]
     for lg in loggers:
         lg.disabled = True
