@@ -19,6 +19,7 @@ PACKAGES: Tuple[Tuple[str, str], ...] = (
     ("PIL", "pillow>=9"),
     ("tqdm", "tqdm>=4.60"),
     ("psutil", "psutil>=5.9"),
+    ("filelock", "filelock>=3.12"),   # the library writer lock
     ("pylibjpeg", "pylibjpeg>=2"),
     ("libjpeg", "pylibjpeg-libjpeg>=2"),
     ("openjpeg", "pylibjpeg-openjpeg>=2"),

@@ -33,13 +33,18 @@ unchanged".
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import glob
+import io
 import json
 import os
 import secrets
 import shutil
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
@@ -260,6 +265,30 @@ def _identity(path: Path):
     except FileNotFoundError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def _quiet_dealloc_errors():
+    """On a full disk, h5py objects freed during writes to (or the close of) a working copy
+    fail to flush and each prints a traceback ("Exception ignored in ... __dealloc__").
+    The copy is dropped and the error reported once as a clear line, so those prints are
+    held back here; anything else written to stderr meanwhile is passed on."""
+    previous_hook, previous_err = sys.unraisablehook, sys.stderr
+    held = io.StringIO()
+
+    def hook(unraisable):
+        if not _is_no_space(unraisable.exc_value or Exception()):
+            previous_hook(unraisable)
+
+    sys.unraisablehook, sys.stderr = hook, held
+    try:
+        yield
+        gc.collect()
+    finally:
+        sys.unraisablehook, sys.stderr = previous_hook, previous_err
+        text = held.getvalue()
+        if text and not _is_no_space(Exception(text)):
+            previous_err.write(text)
 
 
 def _is_no_space(exc: BaseException) -> bool:
@@ -559,16 +588,19 @@ class EmbeddingLibrary:
         started = time.monotonic()
         work, self._work = self._work, None
         try:
-            self._h5.flush()
-            self._h5.close()
+            with _quiet_dealloc_errors():
+                self._h5.flush()
+                self._h5.close()
             self._h5 = None
             self._publish(work)
         except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)
             if self._h5 is not None:
-                try:
-                    self._h5.close()
-                except Exception:  # noqa: BLE001 - the copy is dropped anyway
-                    pass
+                with _quiet_dealloc_errors():
+                    try:
+                        self._h5.close()
+                    except Exception:  # noqa: BLE001 - the copy is dropped anyway
+                        pass
                 self._h5 = None
             work.unlink(missing_ok=True)
             self._invalidate()
@@ -585,7 +617,11 @@ class EmbeddingLibrary:
         """Forget the changes made since the last commit."""
         if self._work is None:
             return
-        self._h5.close()
+        with _quiet_dealloc_errors():
+            try:
+                self._h5.close()
+            except Exception:  # noqa: BLE001 - the working copy is dropped anyway
+                pass
         self._h5 = None
         self._work.unlink(missing_ok=True)
         self._work = None
@@ -603,10 +639,11 @@ class EmbeddingLibrary:
     def _abandon(self) -> None:
         """Close without committing: pending changes are dropped, the lock released."""
         if self._h5 is not None:
-            try:
-                self._h5.close()
-            except Exception:
-                pass
+            with _quiet_dealloc_errors():
+                try:
+                    self._h5.close()
+                except Exception:
+                    pass
             self._h5 = None
         if self._work is not None:
             self._work.unlink(missing_ok=True)
@@ -828,19 +865,14 @@ class EmbeddingLibrary:
         f = self._writable()
         n0 = len(self)
         try:
-            width = max(len(h) for h in new_hashes)
-            if width > f["content_hash"].dtype.itemsize:
-                self._widen_hashes(f, width)
-            for name in ("embeddings",) + COLUMNS:
-                f[name].resize(n0 + m, axis=0)
-            f["embeddings"][n0:] = new_emb
-            for name in STRING_COLUMNS:
-                f[name][n0:] = texts[name]
-            f["content_hash"][n0:] = np.array(new_hashes).astype(f["content_hash"].dtype)
-            f["added"][n0:] = np.full(m, time.time())
+            with _quiet_dealloc_errors():
+                self._write_rows(f, n0, m, new_hashes, new_emb, texts)
         except BaseException as exc:
             # The working copy may be half-changed: drop it (and this session's uncommitted
-            # changes); the published library is untouched.
+            # changes); the published library is untouched. Frames of the error hold dataset
+            # handles: free them now, while the copy is being closed.
+            f = None
+            traceback.clear_frames(exc.__traceback__)
             self.rollback()
             self._raise_if_no_space(exc)
             raise
@@ -852,6 +884,18 @@ class EmbeddingLibrary:
                     self._recent_hashes.setdefault(h, n0 + j)
         result.added = m
         return result
+
+    def _write_rows(self, f, n0: int, m: int, new_hashes, new_emb, texts) -> None:
+        width = max(len(h) for h in new_hashes)
+        if width > f["content_hash"].dtype.itemsize:
+            self._widen_hashes(f, width)
+        for name in ("embeddings",) + COLUMNS:
+            f[name].resize(n0 + m, axis=0)
+        f["embeddings"][n0:] = new_emb
+        for name in STRING_COLUMNS:
+            f[name][n0:] = texts[name]
+        f["content_hash"][n0:] = np.array(new_hashes).astype(f["content_hash"].dtype)
+        f["added"][n0:] = np.full(m, time.time())
 
     @staticmethod
     def _widen_hashes(f, width: int) -> None:
@@ -891,7 +935,7 @@ class EmbeddingLibrary:
             self._base = _identity(self.path)
         new = self._new_work_path()
         try:
-            with h5py.File(new, "w", locking=False) as dst:
+            with _quiet_dealloc_errors(), h5py.File(new, "w", locking=False) as dst:
                 for key, value in src.attrs.items():
                     dst.attrs[key] = value
                 m = len(keep_rows)
