@@ -44,6 +44,9 @@ def _loop(name, trial, count, rng, root: Path):
         totals["refused_commits"] += result.get("refused", 0)
         totals["lock_left"] += int(result.get("lock_left", False))
         totals["acknowledged_batches"] += result.get("acknowledged", 0)
+        if "removed_done" in result:
+            totals["removes_completed_before_kill"] = (
+                totals.get("removes_completed_before_kill", 0) + int(result["removed_done"]))
         if result["damaged"] or result["lost"]:
             print(f"{name} trial {k}: {result}", file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)

@@ -120,7 +120,7 @@ def remove_kill_trial(folder: Path, rng: random.Random) -> dict:
         raise RuntimeError(err)
     before = check_library(path)
     remover = start(REMOVER, path)
-    time.sleep(rng.uniform(0.0, 0.8))
+    time.sleep(rng.uniform(0.3, 2.5))   # the child needs ~1 s to start: spread over its work
     remover.send_signal(signal.SIGKILL)
     rout, _ = remover.communicate()
     result = check_library(path)
@@ -151,6 +151,7 @@ def lock_deletion_trial(folder: Path, rng: random.Random, limit: int = 12) -> di
     crashed = [e for code, e in ((first.returncode, err_a), (second.returncode, err_b))
                if code not in (0, 3)]
     result = check_library(path, acknowledged(out_a) | acknowledged(out_b))
+    result["acknowledged"] = len(acknowledged(out_a) | acknowledged(out_b))
     result["crashed"] = len(crashed)
     result["tracebacks"] = sum("Traceback" in e for e in (err_a, err_b))
     result["refused"] = int(first.returncode == 3) + int(second.returncode == 3)
