@@ -4,7 +4,8 @@ matplotlib writes a font cache to ``~/.cache``/``~/.config`` (or ``/tmp``) and T
 compiles kernels into ``/tmp/torchinductor_<user>``; the project promises to write only where
 the user says. So the command line points every such cache at ``$SUBJECT_FINGERPRINT_CACHE``
 when it is set (kept between runs), else at a private folder made for the run in the system's
-temporary folder and deleted when the command ends. Variables the user has set are kept.
+temporary folder and deleted when the command ends (or, if it was killed, by the next run).
+Variables the user has set are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ CACHE_VARIABLES = {
 }
 
 
+_PREFIX = "subject-fingerprint-cache-"
+
+
+def _remove_orphans() -> None:
+    """Folders of runs that were killed (no atexit ran): named by pid, removed once it is gone."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            pid = int(name[len(_PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        except (ValueError, OSError, OverflowError):
+            continue   # not ours, or alive under another user
+
+
 def redirect_caches(environ=None) -> str:
     """Point the dependency caches at one folder (see module doc); returns that folder."""
     environ = os.environ if environ is None else environ
@@ -34,7 +55,8 @@ def redirect_caches(environ=None) -> str:
     if root:
         os.makedirs(root, exist_ok=True)
     else:
-        root = tempfile.mkdtemp(prefix="subject-fingerprint-cache-")
+        _remove_orphans()
+        root = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
         atexit.register(shutil.rmtree, root, True)
     for name in wanted:
         path = os.path.join(root, CACHE_VARIABLES[name])

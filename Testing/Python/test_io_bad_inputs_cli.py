@@ -250,3 +250,19 @@ def test_dependency_caches_stay_out_of_home_and_tmp(tmp_path, tiny_model):
     assert done.returncode == 0, done.stderr.decode()
     assert (tmp_path / "r" / "distances.png").exists()
     assert list(home.rglob("*")) == [] and list(tmp.rglob("*")) == []
+
+
+def test_cache_folder_of_a_killed_run_is_removed_by_the_next(tmp_path, monkeypatch):
+    from subject_fingerprint import caches
+
+    monkeypatch.setattr(caches.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    orphan = tmp_path / f"subject-fingerprint-cache-{dead}-abc"
+    (orphan / "matplotlib").mkdir(parents=True)
+    foreign = tmp_path / "subject-fingerprint-cache-notapid"
+    foreign.mkdir()
+    env = {}
+    root = caches.redirect_caches(env)
+    assert not orphan.exists() and foreign.exists()
+    assert Path(root).parent == tmp_path and env["MPLCONFIGDIR"].startswith(root)
