@@ -236,6 +236,10 @@ def test_no_bad_input_gives_a_traceback_on_stderr(tmp_path, tiny_model):
                     tmp_path / "lib.h5", "--model", tiny_model)
     assert "Traceback" not in query.stderr.decode(), query.stderr.decode()
     assert query.returncode == 1
+    dedup = run_sub("dedup", tmp_path / "data", "--model", tiny_model, "--out", tmp_path / "r",
+                    "--quiet", "--threshold", "0.5")
+    assert dedup.returncode == 0 and "Traceback" not in dedup.stderr.decode(), dedup.stderr
+    assert dedup.stderr.decode().count("unreadable:") == expected
 
 
 def test_dependency_caches_stay_out_of_home_and_tmp(tmp_path, tiny_model):
