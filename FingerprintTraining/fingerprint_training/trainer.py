@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from subject_fingerprint.csvsafe import SafeDictWriter
 
 from . import distributed as ddp
 from .augment import AugmentConfig, augment
@@ -162,6 +163,31 @@ def _nway_kshot():
 def eligible_subjects(labels: np.ndarray, k_shot: int) -> int:
     counts = np.bincount(np.asarray(labels))
     return int((counts >= k_shot + 1).sum())
+
+
+def _read_state(path) -> dict:
+    """``last.pt`` read like ``load_checkpoint`` reads models: weights only, and every problem
+    (pickled code, damage, another file) a ``CheckpointError`` that names the file."""
+    import pickle
+    import warnings
+
+    from subject_fingerprint.errors import CheckpointError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):
+            raise CheckpointError(path, "the training state contains objects that would run code "
+                                        "when loaded; refusing to resume from it") from None
+        raise CheckpointError(path, "not a training state file (unreadable)") from None
+    except Exception as exc:  # noqa: BLE001 - zip errors, truncation, random bytes
+        raise CheckpointError(path, f"not a training state file (unreadable: "
+                                    f"{type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(path, "not a training state file (no format marker)")
+    return state
 
 
 class Trainer:
@@ -350,14 +376,28 @@ class Trainer:
         os.replace(tmp, path)
 
     def load_last(self, path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a training state file")
-        saved = json.loads(state["config"])
+        state = _read_state(path)
+        try:
+            saved = json.loads(state["config"])
+        except (KeyError, TypeError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            from subject_fingerprint.errors import CheckpointError
+
+            raise CheckpointError(path, "damaged training state (no readable configuration)")
         for key in ("dims", "depth", "embedding_dim", "loss", "miner", "normalize", "xbm", "seed",
                     "batch_subjects", "images_per_subject"):
             if saved.get(key) != self.cfg.to_dict().get(key):
                 raise ValueError(f"cannot resume: {key} was {saved.get(key)!r}, now {self.cfg.to_dict().get(key)!r}")
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            from subject_fingerprint.errors import CheckpointError
+
+            raise CheckpointError(path, f"damaged training state, cannot resume from it "
+                                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+    def _restore(self, state) -> None:
         ddp.unwrap(self.network).load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -375,7 +415,7 @@ class Trainer:
     def _write_log(self) -> None:
         path = self.out / "log.csv"
         with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            w = SafeDictWriter(fh, fieldnames=LOG_COLUMNS, extrasaction="ignore")
             w.writeheader()
             for row in self.rows:
                 w.writerow(row)

@@ -45,6 +45,7 @@ ENGINE_PACKAGES: Tuple[Package, ...] = (
     Package("PIL", "pillow", "9.0"),
     Package("tqdm", "tqdm", "4.60"),
     Package("psutil", "psutil", "5.9"),
+    Package("filelock", "filelock", "3.13"),  # the library writer lock
     Package("matplotlib", "matplotlib", "3.6"),
     Package("pylibjpeg", "pylibjpeg", "2.0"),
     Package("libjpeg", "pylibjpeg-libjpeg", "2.1"),

@@ -184,25 +184,35 @@ class FingerprintModel:
 
     @property
     def model_id(self) -> str:
-        """First 16 hex digits of a SHA-256 over the weights (float32, sorted names).
+        """First 16 hex digits of a SHA-256 over the weights (float32, sorted names) and the
+        preprocessing: everything that decides the embeddings, so a library is only ever
+        searched with embeddings made the same way.
 
-        Only the weights count (as the contract says), not the metadata. A checkpoint
-        saved with ``half=True`` loads with fp16-rounded weights and so has its own ID,
-        which stays the same on every later load and re-save. Cached until any tensor
-        changes (in-place updates bump tensor versions).
+        The calibration turns distances into probabilities without changing embeddings; it
+        has its own :attr:`calibration_id`, which libraries record (``model_metadata``) and
+        ``query`` compares. A checkpoint saved with ``half=True`` loads with fp16-rounded
+        weights and so has its own ID, which stays the same on every later load and re-save.
+        Cached until any tensor or the preprocessing changes.
         """
         import torch
 
         state = self.network.state_dict()
-        key = tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
+        prep = json.dumps(self.preprocessing.to_dict(), sort_keys=True, default=_json_default)
+        key = (prep,) + tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
         if self._id_cache[0] != key:
             digest = hashlib.sha256()
             for name in sorted(state):
                 tensor = state[name].detach().to("cpu", dtype=torch.float32)
                 digest.update(name.encode() + b"\n")
                 digest.update(tensor.contiguous().numpy().tobytes())
+            digest.update(b"preprocessing\n" + prep.encode("utf-8"))
             self._id_cache = (key, digest.hexdigest()[:16])
         return self._id_cache[1]
+
+    @property
+    def calibration_id(self) -> str:
+        """16 hex digits identifying the calibration ("" without one)."""
+        return calibration_id(self.metadata.get("calibration"))
 
     # -- checks ----------------------------------------------------------------------
     def check_image(self, loaded) -> None:
@@ -217,6 +227,17 @@ class FingerprintModel:
         a = self.architecture
         return (f"FingerprintModel(resnet{a.get('depth')}, {a.get('spatial_dims')}D, "
                 f"dim={a.get('embedding_dim')}, id={self.model_id})")
+
+
+def calibration_id(calibration) -> str:
+    """16 hex digits of a SHA-256 over a calibration's JSON ("" for none)."""
+    if calibration is None:
+        return ""
+    data = calibration.to_dict() if hasattr(calibration, "to_dict") else calibration
+    if not data:
+        return ""
+    text = json.dumps(data, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _fsync_dir(folder: Path) -> None:

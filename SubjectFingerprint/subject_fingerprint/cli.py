@@ -9,14 +9,15 @@ Subcommands of this package: ``index``, ``query`` and ``library``. The training 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import List, Optional, Sequence
 
 from . import __version__
+from .csvsafe import SafeDictWriter, printable
 from .errors import FingerprintError
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -52,7 +53,7 @@ def _report_failures(failures, out=None) -> None:
     if failures:
         print(f"{len(failures)} item(s) failed:", file=out)
         for failure in failures:
-            print(f"  {failure.path}: {failure.reason}", file=out)
+            print(f"  {printable(failure.path)}: {printable(failure.reason)}", file=out)
 
 
 # -- index -------------------------------------------------------------------------------------
@@ -86,10 +87,21 @@ def _run_index(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
+        for notice in report.notices:
+            print(f"note: {printable(notice)}", file=sys.stderr)
+        not_images = f", {len(report.not_images)} not an image" if report.not_images else ""
         print(f"{report.added} image(s) added to {args.library}, {report.duplicates} exact "
-              f"duplicate(s) skipped, {len(report.failures)} failure(s), "
+              f"duplicate(s) skipped{not_images}, {len(report.failures)} failure(s), "
               f"{report.seconds:.1f} s")
+        if report.not_images:
+            print(f"{len(report.not_images)} file(s) skipped as not an image:", file=sys.stderr)
+            for item in report.not_images:
+                print(f"  {printable(item.path)}: {printable(item.reason)}", file=sys.stderr)
         _report_failures(report.failures)
+    if report.discovered == 0 and not report.failures:
+        where = args.manifest or ", ".join(map(str, args.sources))
+        print(f"nothing found: no image in {printable(where)}", file=sys.stderr)
+        return EXIT_FOUND
     return EXIT_FOUND if report.failures else EXIT_OK
 
 
@@ -113,14 +125,17 @@ def _run_query(args) -> int:
     from .lookup import query
 
     failures: list = []
+    notices: list = []
     results = query(args.images, args.library, model=args.model, k=args.k,
-                    device=args.device, failures=failures)
+                    device=args.device, failures=failures, notices=notices)
+    for notice in notices:
+        print(f"note: {printable(notice)}", file=sys.stderr)
     answers = [{"query": r.query, **r.to_dict()} for r in results]
     if args.json:
         print(json.dumps(answers, indent=2))
     elif args.csv:
         columns = ["query", "rank", "subject_id", "dataset", "distance", "probability", "image_id"]
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer = SafeDictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for answer in answers:
             for subject in answer["subjects"]:
@@ -190,7 +205,7 @@ def _run_library_list(args) -> int:
     if args.limit:
         rows = rows[: args.limit]
     if args.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=_LIST_COLUMNS)
+        writer = SafeDictWriter(sys.stdout, fieldnames=_LIST_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     else:
@@ -232,25 +247,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_broken_pipe() -> int:
+    # The reader (``| head``) went away: stop quietly like a Unix tool. Point stdout at
+    # /dev/null so the interpreter's final flush does not complain again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141 if os.name != "nt" else EXIT_ERROR  # 128 + SIGPIPE, as a shell reports it
+
+
+def _prepare_streams() -> None:
+    # File names that are not valid UTF-8 must print (escaped) rather than stop the command.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from .caches import redirect_caches
+
+    redirect_caches()
+    _prepare_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or EXIT_OK)
+        code = int(args.func(args) or EXIT_OK)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except FingerprintError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, ValueError) as exc:
         # Files the user named that are missing or unreadable, bad option values.
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a line, never a traceback, unless asked for
+        if args.verbose:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {printable(exc)} (run with -v for the "
+              "details)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

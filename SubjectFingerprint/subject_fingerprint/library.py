@@ -14,26 +14,37 @@ session copies the file to ``<name>.tmp-<pid>-<random>`` in the same folder the 
 changes something, makes its changes in the copy, and on ``commit()`` / ``close()`` flushes,
 fsyncs and ``os.replace``-s the copy over the library (atomic on POSIX and Windows). A crash or
 kill at any moment therefore leaves either the old file or the new one, never a mixture; the
-abandoned copy is deleted by the next writer. Readers take no lock at all: an open reader keeps
+abandoned copy is deleted by the next writer. Readers take no writer lock: an open reader keeps
 reading the file it opened (the old inode) while a writer publishes a new one.
 
 The cost is a copy of the whole file once per write session (about 1.5 s per GB here), so
 callers that add many small batches to a large library should open once and ``commit()`` every
 so often rather than opening per batch.
 
-Writers are serialised by an OS lock (``fcntl.flock``, or ``msvcrt.locking`` on Windows) on
-``<name>.lock``: a second writer waits up to ``lock_timeout`` seconds and then gets
-``LibraryLockedError`` naming the process that holds the lock.
+Writers are serialised by an OS lock (``filelock``: ``flock``, or ``msvcrt.locking`` on
+Windows) on ``<name>.lock``: a second writer waits up to ``lock_timeout`` seconds and then gets
+``LibraryLockedError`` naming the process that holds the lock. The lock file exists only
+while a writer holds it; if it is deleted meanwhile, the holder takes it again before
+publishing or, if another writer got it first, refuses to publish (see ``_WriterLock``). A
+working copy is removed as abandoned only when the process named in it is dead. A full disk
+drops the uncommitted changes and says "no space left on device, nothing stored, library
+unchanged".
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import glob
+import io
 import json
 import os
 import secrets
 import shutil
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
@@ -42,11 +53,10 @@ import numpy as np
 
 from .errors import LibraryError, LibraryLockedError, ModelMismatchError
 
-try:  # POSIX
+try:  # POSIX: reflink copies
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
-    import msvcrt
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 4096
@@ -152,41 +162,51 @@ def _fsync_path(path, directory=False) -> None:
 
 
 class _WriterLock:
-    """Exclusive advisory lock on ``<library>.lock``; the holder writes its pid into it."""
+    """Exclusive lock on ``<library>.lock`` (``filelock``: flock on POSIX, msvcrt on Windows).
+
+    Robust to the lock file being deleted: the holder removes the file when it lets go (so
+    none is left after a normal run, and a waiter that locked the removed file retries), and
+    before each publish :meth:`verify` checks that the path is still the file it locked,
+    re-taking it if it vanished and refusing to publish if another writer took it meanwhile.
+    The holder writes its pid into the file for the message a waiting writer gets.
+    """
 
     def __init__(self, library_path: Path, timeout: float):
+        from filelock import FileLock, Timeout
+
         self.path = Path(str(library_path) + ".lock")
         self.library_path = library_path
-        deadline = time.monotonic() + max(0.0, timeout)
-        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        self._locks = []
+        lock = FileLock(str(self.path), timeout=max(0.0, timeout), is_singleton=False,
+                        thread_local=False)
         try:
-            while not self._try_lock():
-                if time.monotonic() >= deadline:
-                    holder = self._holder()
-                    who = f" (pid {holder})" if holder else ""
-                    raise LibraryLockedError(
-                        f"another process is writing to {library_path}{who}; try again when it "
-                        f"has finished (lock file {self.path})")
-                time.sleep(0.05)
-        except BaseException:
-            os.close(self.fd)
-            self.fd = None
-            raise
-        # Who holds the lock, for the message a waiting writer gets.
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        os.write(self.fd, str(os.getpid()).encode())
+            lock.acquire(poll_interval=0.05)
+        except Timeout:
+            holder = self._holder()
+            who = f" (pid {holder})" if holder else ""
+            raise LibraryLockedError(
+                f"another process is writing to {library_path}{who}; try again when it "
+                f"has finished (lock file {self.path})") from None
+        self._locks.append(lock)
+        self._identity = self._stat()
+        self._write_pid()
 
-    def _try_lock(self) -> bool:
+    def _stat(self):
         try:
-            if fcntl is not None:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:  # pragma: no cover
-                os.lseek(self.fd, 0, os.SEEK_SET)
-                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
-            return True
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _write_pid(self) -> None:
+        try:
+            fd = os.open(str(self.path), os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
         except OSError:
-            return False
+            pass  # the pid only improves a message
 
     def _holder(self) -> str:
         try:
@@ -195,18 +215,98 @@ class _WriterLock:
         except OSError:
             return ""
 
-    def release(self) -> None:
-        if self.fd is None:
+    def verify(self) -> None:
+        """Raise ``LibraryLockedError`` unless this process still holds the lock on the path."""
+        from filelock import FileLock, Timeout
+
+        current = self._stat()
+        if current is not None and current == self._identity:
             return
-        try:
-            if fcntl is not None:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-            else:  # pragma: no cover
-                os.lseek(self.fd, 0, os.SEEK_SET)
-                msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        if current is None:
+            # Someone deleted the lock file; nobody else has taken the path yet: take it again.
+            lock = FileLock(str(self.path), timeout=0, is_singleton=False, thread_local=False)
+            try:
+                lock.acquire()
+            except Timeout:
+                lock = None
+            if lock is not None:
+                self._locks.append(lock)
+                self._identity = self._stat()
+                self._write_pid()
+                return
+        holder = self._holder()
+        raise LibraryLockedError(
+            f"{self.library_path}: the lock file {self.path} was removed while this process was "
+            f"writing and another writer{f' (pid {holder})' if holder else ''} has taken it; "
+            f"changes since the last commit were not stored, the library is as that writer "
+            f"leaves it")
+
+    def release(self) -> None:
+        if not self._locks:
+            return
+        # Remove the file while still holding it, so nothing is left behind; only our own.
+        if self._identity is not None and self._stat() == self._identity:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        for lock in reversed(self._locks):
+            try:
+                lock.release(force=True)
+            except Exception:  # noqa: BLE001 - releasing must not raise over the real error
+                pass
+        self._locks = []
+
+
+def _identity(path: Path):
+    """What tells one published version of a file from the next (each is a new inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def _quiet_dealloc_errors():
+    """On a full disk, h5py objects freed during writes to (or the close of) a working copy
+    fail to flush and each prints a traceback ("Exception ignored in ... __dealloc__").
+    The copy is dropped and the error reported once as a clear line, so those prints are
+    held back here; anything else written to stderr meanwhile is passed on."""
+    previous_hook, previous_err = sys.unraisablehook, sys.stderr
+    held = io.StringIO()
+
+    def hook(unraisable):
+        if not _is_no_space(unraisable.exc_value or Exception()):
+            previous_hook(unraisable)
+
+    sys.unraisablehook, sys.stderr = hook, held
+    try:
+        yield
+        gc.collect()
+    finally:
+        sys.unraisablehook, sys.stderr = previous_hook, previous_err
+        text = held.getvalue()
+        if text and not _is_no_space(Exception(text)):
+            previous_err.write(text)
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    # h5py reports ENOSPC as RuntimeError/OSError text ("errno = 28"), the OS as OSError 28.
+    return (getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in str(exc)
+            or "No space left on device" in str(exc))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError, ValueError):
+        return True   # exists (another user's) or cannot tell: leave its file alone
+    return True
 
 
 class EmbeddingLibrary:
@@ -226,6 +326,8 @@ class EmbeddingLibrary:
         self._last_commit_at = time.monotonic()
         self.last_commit_seconds: Optional[float] = None  # what the last commit() took
         self._copy_seconds = 0.0
+        self._commits = 0  # commits published by this session
+        self._base = None  # identity of the published file the working copy was made from
         self.model_id = ""
         self.model_metadata: dict = {}
         self.embedding_dim = 0
@@ -281,10 +383,22 @@ class EmbeddingLibrary:
             raise
         return lib
 
+    def _raise_if_no_space(self, exc: BaseException) -> None:
+        if isinstance(exc, Exception) and _is_no_space(exc):
+            since = " since the last commit" if self._commits else ""
+            raise LibraryError(f"{self.path}: no space left on device, nothing stored{since}, "
+                               "library unchanged") from None
+
     def _remove_stale_copies(self) -> None:
-        # We hold the writer lock, so any working copy left beside the library is from a
-        # writer that died before committing.
+        # Working copies of writers that died before committing. A copy whose writer is alive
+        # is never touched, even if the lock file was deleted under it.
         for stale in self.path.parent.glob(glob.escape(self.path.name) + ".tmp-*"):
+            try:
+                pid = int(stale.name[len(self.path.name) + len(".tmp-"):].split("-", 1)[0])
+            except ValueError:
+                continue
+            if _pid_alive(pid):
+                continue
             try:
                 stale.unlink()
             except OSError:
@@ -312,16 +426,27 @@ class EmbeddingLibrary:
                 f.create_dataset("added", shape=(0,), maxshape=(None,), dtype="float64",
                                  chunks=(CHUNK_ROWS,))
             self._publish(work)
-        except BaseException:
+        except BaseException as exc:
             work.unlink(missing_ok=True)
+            self._raise_if_no_space(exc)
             raise
 
     def _open_published(self) -> None:
         h5py = _h5py()
-        try:
-            self._h5 = h5py.File(self.path, "r", locking=False)
-        except OSError as exc:
-            raise LibraryError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+        # h5py's default locking first, so a plain ``h5py.File(path)`` open in this process
+        # and ours coexist (HDF5 refuses a second open with other locking flags); then the
+        # other settings, for file systems without locks and handles opened otherwise.
+        error = None
+        for locking in (None, False, True):
+            try:
+                self._h5 = h5py.File(self.path, "r", locking=locking)
+                break
+            except OSError as exc:
+                error = exc
+                if "lock" not in str(exc).lower():
+                    break
+        if self._h5 is None:
+            raise LibraryError(f"{self.path}: not a readable HDF5 file ({error})") from error
         self._read_header()
 
     def _read_header(self) -> None:
@@ -398,24 +523,37 @@ class EmbeddingLibrary:
             self._h5 = None
             started = time.monotonic()
             try:
+                # What the copy starts from; publishing checks nobody replaced it meanwhile.
+                self._base = _identity(self.path)
                 _copy_file(self.path, work)
                 self._copy_seconds = time.monotonic() - started
                 self._h5 = _h5py().File(work, "r+", locking=False)
-            except BaseException:
+            except BaseException as exc:
                 work.unlink(missing_ok=True)
                 self._open_published()
+                self._raise_if_no_space(exc)
                 raise
             self._work = work
         return self._h5
 
     def _publish(self, work: Path) -> None:
         _fsync_path(work)
+        if self._lock is not None:
+            # Last moment before the replace: the lock must still be ours (it may be deleted),
+            # and the library the file we copied (else another writer's rows would be lost).
+            self._lock.verify()
+            if _identity(self.path) != self._base:
+                raise LibraryLockedError(
+                    f"{self.path}: another writer published the library while this process was "
+                    "writing (was the lock file deleted?); changes since the last commit were "
+                    "not stored, the library holds that writer's version")
         try:
             os.replace(work, self.path)
         except PermissionError as exc:  # Windows: the library is open in another program
             raise LibraryError(f"{self.path}: cannot replace the library file ({exc}); close "
                                f"other programs that have it open and try again") from exc
         _fsync_path(self.path.parent, directory=True)
+        self._base = _identity(self.path)
 
     @property
     def has_uncommitted_changes(self) -> bool:
@@ -440,21 +578,37 @@ class EmbeddingLibrary:
         return False
 
     def commit(self) -> None:
-        """Publish the changes made so far (atomically); the session stays open."""
+        """Publish the changes made so far (atomically); the session stays open.
+
+        A full disk or a lost lock drops the changes since the last commit (the published
+        library is untouched) and raises ``LibraryError`` saying so.
+        """
         if self._work is None:
             return
         started = time.monotonic()
-        self._h5.flush()
-        self._h5.close()
-        self._h5 = None
         work, self._work = self._work, None
         try:
+            with _quiet_dealloc_errors():
+                self._h5.flush()
+                self._h5.close()
+            self._h5 = None
             self._publish(work)
-        except BaseException:
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)
+            if self._h5 is not None:
+                with _quiet_dealloc_errors():
+                    try:
+                        self._h5.close()
+                    except Exception:  # noqa: BLE001 - the copy is dropped anyway
+                        pass
+                self._h5 = None
             work.unlink(missing_ok=True)
-            raise
-        finally:
+            self._invalidate()
             self._open_published()
+            self._raise_if_no_space(exc)
+            raise
+        self._open_published()
+        self._commits += 1
         self._last_commit_at = time.monotonic()
         # The copy is made when the first change after a commit comes; count it in too.
         self.last_commit_seconds = self._last_commit_at - started + self._copy_seconds
@@ -463,7 +617,11 @@ class EmbeddingLibrary:
         """Forget the changes made since the last commit."""
         if self._work is None:
             return
-        self._h5.close()
+        with _quiet_dealloc_errors():
+            try:
+                self._h5.close()
+            except Exception:  # noqa: BLE001 - the working copy is dropped anyway
+                pass
         self._h5 = None
         self._work.unlink(missing_ok=True)
         self._work = None
@@ -481,10 +639,11 @@ class EmbeddingLibrary:
     def _abandon(self) -> None:
         """Close without committing: pending changes are dropped, the lock released."""
         if self._h5 is not None:
-            try:
-                self._h5.close()
-            except Exception:
-                pass
+            with _quiet_dealloc_errors():
+                try:
+                    self._h5.close()
+                except Exception:
+                    pass
             self._h5 = None
         if self._work is not None:
             self._work.unlink(missing_ok=True)
@@ -706,20 +865,16 @@ class EmbeddingLibrary:
         f = self._writable()
         n0 = len(self)
         try:
-            width = max(len(h) for h in new_hashes)
-            if width > f["content_hash"].dtype.itemsize:
-                self._widen_hashes(f, width)
-            for name in ("embeddings",) + COLUMNS:
-                f[name].resize(n0 + m, axis=0)
-            f["embeddings"][n0:] = new_emb
-            for name in STRING_COLUMNS:
-                f[name][n0:] = texts[name]
-            f["content_hash"][n0:] = np.array(new_hashes).astype(f["content_hash"].dtype)
-            f["added"][n0:] = np.full(m, time.time())
-        except BaseException:
+            with _quiet_dealloc_errors():
+                self._write_rows(f, n0, m, new_hashes, new_emb, texts)
+        except BaseException as exc:
             # The working copy may be half-changed: drop it (and this session's uncommitted
-            # changes); the published library is untouched.
+            # changes); the published library is untouched. Frames of the error hold dataset
+            # handles: free them now, while the copy is being closed.
+            f = None
+            traceback.clear_frames(exc.__traceback__)
             self.rollback()
+            self._raise_if_no_space(exc)
             raise
         # Rows changed: drop the cached matrix, keep the hash index up to date.
         self._embeddings = self._norms = self._subject_codes = None
@@ -729,6 +884,18 @@ class EmbeddingLibrary:
                     self._recent_hashes.setdefault(h, n0 + j)
         result.added = m
         return result
+
+    def _write_rows(self, f, n0: int, m: int, new_hashes, new_emb, texts) -> None:
+        width = max(len(h) for h in new_hashes)
+        if width > f["content_hash"].dtype.itemsize:
+            self._widen_hashes(f, width)
+        for name in ("embeddings",) + COLUMNS:
+            f[name].resize(n0 + m, axis=0)
+        f["embeddings"][n0:] = new_emb
+        for name in STRING_COLUMNS:
+            f[name][n0:] = texts[name]
+        f["content_hash"][n0:] = np.array(new_hashes).astype(f["content_hash"].dtype)
+        f["added"][n0:] = np.full(m, time.time())
 
     @staticmethod
     def _widen_hashes(f, width: int) -> None:
@@ -764,9 +931,11 @@ class EmbeddingLibrary:
             raise LibraryError(f"{self.path}: opened read-only; open with mode='a' to change it")
         h5py = _h5py()
         src = self._h5
+        if self._work is None:
+            self._base = _identity(self.path)
         new = self._new_work_path()
         try:
-            with h5py.File(new, "w", locking=False) as dst:
+            with _quiet_dealloc_errors(), h5py.File(new, "w", locking=False) as dst:
                 for key, value in src.attrs.items():
                     dst.attrs[key] = value
                 m = len(keep_rows)
@@ -783,8 +952,9 @@ class EmbeddingLibrary:
                         if len(part):
                             out[done:done + len(part)] = d[lo:lo + step][part - lo]
                             done += len(part)
-        except BaseException:
+        except BaseException as exc:
             new.unlink(missing_ok=True)
+            self._raise_if_no_space(exc)
             raise
         src.close()
         self._h5 = None

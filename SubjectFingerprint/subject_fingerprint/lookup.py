@@ -28,6 +28,9 @@ class IndexReport:
     added: int = 0
     duplicates: int = 0
     failures: List[Failure] = field(default_factory=list)
+    # DICOM objects that hold no image (SR, KO, presentation states, DICOMDIR): not failures.
+    not_images: List[Failure] = field(default_factory=list)
+    notices: List[str] = field(default_factory=list)
     discovered: int = 0
     cancelled: bool = False
     seconds: float = 0.0
@@ -38,6 +41,8 @@ class IndexReport:
             "added": self.added,
             "duplicates": self.duplicates,
             "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "not_images": [{"path": f.path, "reason": f.reason} for f in self.not_images],
+            "notices": list(self.notices),
             "cancelled": self.cancelled,
             "seconds": round(self.seconds, 3),
         }
@@ -104,7 +109,8 @@ def index(
     started = time.perf_counter()
     fmodel = resolve_model(model)
     found = discover([str(s) for s in sources], manifest=manifest, dataset=dataset)
-    report = IndexReport(discovered=len(found.records), failures=list(found.failures))
+    report = IndexReport(discovered=len(found.records), failures=list(found.failures),
+                         not_images=list(found.skipped), notices=list(found.notices))
     update, close = _progress_reporter(progress, len(found.records), "embedding")
     embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers)
 
@@ -139,6 +145,18 @@ def index(
     return report
 
 
+def _calibration_notice(lib, fmodel) -> str:
+    """Say so when the probabilities come from another calibration than the library recorded."""
+    from .checkpoint import calibration_id
+
+    recorded = calibration_id(lib.model_metadata.get("calibration"))
+    current = calibration_id(fmodel.metadata.get("calibration"))
+    if not recorded or recorded == current:
+        return ""
+    return (f"{lib.path} was built with calibration {recorded}; the model now has "
+            f"{current or 'none'}: probabilities follow the model's calibration")
+
+
 def load_query_image(image) -> LoadedImage:
     """A query given as a path (file or DICOM series folder) or an already loaded image."""
     if isinstance(image, LoadedImage):
@@ -155,8 +173,12 @@ def query(
     k: int = 10,
     device: str = "auto",
     failures: Optional[List[Failure]] = None,
+    notices: Optional[List[str]] = None,
 ):
     """Rank the library's images and subjects for each query image.
+
+    ``notices`` (a list) receives remarks that are not failures: a model whose calibration
+    differs from the one the library recorded when it was built.
 
     ``images`` are paths or :class:`LoadedImage` objects. A bad image raises, unless a list
     is passed as ``failures``: then it is recorded there and skipped. Returns one
@@ -170,6 +192,11 @@ def query(
     with EmbeddingLibrary.open(library, mode="r", model=fmodel) as lib:
         if len(lib) == 0:
             raise LibraryError(f"{library}: the library is empty; index some images first")
+        note = _calibration_notice(lib, fmodel)
+        if note:
+            logger.info("%s", note)
+            if notices is not None:
+                notices.append(note)
         names, loaded = [], []
         for image in images:
             name = image.record.source if isinstance(image, LoadedImage) else str(image)

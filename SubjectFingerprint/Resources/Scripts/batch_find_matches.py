@@ -15,7 +15,6 @@ Slicer's ``--python-script`` requires.
 """
 
 import argparse
-import csv
 import os
 import sys
 
@@ -48,6 +47,7 @@ def main(argv=None):
     args = parseArguments(sys.argv[1:] if argv is None else argv)
     import slicer
     from SubjectFingerprint import SubjectFingerprintLogic
+    from subject_fingerprint.csvsafe import SafeDictWriter
 
     logic = SubjectFingerprintLogic()
     try:
@@ -61,7 +61,7 @@ def main(argv=None):
             print(notice, file=sys.stderr)
         failed = 0
         with open(args.out, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = SafeDictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             for path in files:
                 name = os.path.basename(path)

@@ -7,7 +7,6 @@ offline and can be archived with the CSVs. Every string that comes from the data
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -17,6 +16,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..csvsafe import SafeDictWriter, printable
+
 SUBJECT_COLUMNS = ["dataset_a", "subject_a", "dataset_b", "subject_b", "probability",
                    "min_distance", "n_close_pairs", "image_a", "image_b", "source_a", "source_b"]
 IMAGE_COLUMNS = ["dataset_a", "image_a", "dataset_b", "image_b", "distance", "exact_duplicate",
@@ -25,7 +26,7 @@ IMAGE_COLUMNS = ["dataset_a", "image_a", "dataset_b", "image_b", "distance", "ex
 
 def _write_csv(path: Path, columns, rows) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer = SafeDictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -231,7 +232,8 @@ def write_html(path: Path, summary: dict, subject_table: List[dict], histogram: 
             parts.append(f"<li>{e(f['path'])}: {e(f['reason'])}</li>")
         parts.append("</ul>")
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    # printable: file names that are not UTF-8 show escaped (\xe9) instead of failing.
+    path.write_text(printable("\n".join(parts)), encoding="utf-8")
 
 
 def write_report(out_dir: Path, datasets, subject_pairs, image_pairs, summary: dict,

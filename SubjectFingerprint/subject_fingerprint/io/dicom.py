@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ImageReadError
+from .limits import check_declared_size
+from .quiet import quiet_dependency_loggers
 
 # Modalities whose single-frame files are slices of a 3D series rather than images of their own.
 VOLUME_MODALITIES = frozenset({"MR", "CT", "PT"})
@@ -362,8 +364,9 @@ def _decode(ds, path) -> np.ndarray:
             raise ImageReadError(
                 path, f"unsupported transfer syntax {ts_label}: no installed decoder plugin "
                       "(install pylibjpeg with its libjpeg/openjpeg plugins, or python-gdcm)")
+    _check_declared(ds, path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_dependency_loggers():
             warnings.simplefilter("ignore")
             return np.asarray(ds.pixel_array)
     except ImageReadError:
@@ -380,6 +383,17 @@ def _decode(ds, path) -> np.ndarray:
         else:
             reason = f"cannot decode pixel data, damaged or truncated ({detail})"
         raise ImageReadError(path, reason) from exc
+
+
+def _check_declared(ds, path) -> None:
+    """Declared Rows x Columns x frames x samples against the voxel limit, before decoding
+    (compressed pixel data can declare far more than the file holds)."""
+    try:
+        shape = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns),
+                 int(ds.get("SamplesPerPixel", 1) or 1))
+    except (AttributeError, TypeError, ValueError):
+        return  # pydicom's own error says what is wrong
+    check_declared_size(path, shape)
 
 
 def _to_grey(arr: np.ndarray, ds, path) -> np.ndarray:

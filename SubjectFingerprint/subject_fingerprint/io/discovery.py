@@ -37,6 +37,8 @@ class Discovery:
     records: List[ImageRecord] = field(default_factory=list)
     failures: List[Failure] = field(default_factory=list)
     skipped: List[Failure] = field(default_factory=list)
+    # Things a data manager should know that are not failures (a manifest reaching outside).
+    notices: List[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -138,7 +140,15 @@ class _Walker:
     # -- folders -----------------------------------------------------------------------
     def add_folder(self, folder: Path):
         self.dataset_for(folder)
-        for root, dirs, files in os.walk(folder):
+
+        def cannot_enter(exc: OSError):
+            # Unreadable or over-long folders would otherwise vanish from the walk silently.
+            where = exc.filename if exc.filename is not None else folder
+            self.found.failures.append(Failure(
+                os.fsdecode(where), f"cannot read folder ({exc.strerror or exc}); its files were "
+                                    "not looked at"))
+
+        for root, dirs, files in os.walk(folder, onerror=cannot_enter):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if _ignored(name) or name.upper() == "DICOMDIR":
@@ -156,6 +166,13 @@ class _Walker:
         self.dataset_for(manifest.parent)
         records, failures = read_manifest(manifest, dataset=self.dataset)
         self.found.failures.extend(failures)
+        root = os.path.realpath(manifest.parent)
+        resolved = [os.path.realpath(r.source) for r in records]
+        outside = [p for p in resolved if os.path.commonpath([root, p]) != root]
+        if outside:
+            self.found.notices.append(
+                f"{manifest}: {len(outside)} listed image(s) lie outside the manifest's folder "
+                f"{root} (first: {outside[0]})")
         for record in records:
             self.seen.add(os.path.realpath(record.source))
             if not record.modality and not record.view and len(record.files) == 1:
@@ -225,16 +242,24 @@ def discover(sources: Union[Source, Iterable[Source]], manifest: Optional[Source
         return walker.finish()
     for source in sources:
         path = Path(source)
-        if not path.exists():
-            walker.found.failures.append(Failure(str(path), "not found"))
-        elif path.is_dir():
-            if (path / MANIFEST_NAME).is_file():
-                walker.add_manifest(path / MANIFEST_NAME)
-            else:
-                walker.add_folder(path)
-        elif path.name.lower().endswith(".csv"):
-            walker.add_manifest(path)
-        else:
-            walker.dataset_for(path.parent)
-            walker.add_file(path, None)
+        try:
+            _add_source(walker, path)
+        except OSError as exc:
+            # A source in a folder that may not be entered is one failed item, not the end.
+            walker.found.failures.append(Failure(str(path), f"cannot access ({exc.strerror or exc})"))
     return walker.finish()
+
+
+def _add_source(walker: _Walker, path: Path) -> None:
+    if not path.exists():
+        walker.found.failures.append(Failure(str(path), "not found"))
+    elif path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            walker.add_manifest(path / MANIFEST_NAME)
+        else:
+            walker.add_folder(path)
+    elif path.name.lower().endswith(".csv"):
+        walker.add_manifest(path)
+    else:
+        walker.dataset_for(path.parent)
+        walker.add_file(path, None)

@@ -11,6 +11,7 @@ from ..errors import ImageReadError
 from ..records import ImageRecord, LoadedImage
 from .dicom import (VOLUME_MODALITIES, header_info, is_dicom_file, read_enhanced, read_projection,
                     read_series, series_files_in_folder)
+from .limits import check_content
 from .raster import is_raster_file, read_raster
 from .volumes import is_volume_file, read_volume_file, to_array
 
@@ -71,8 +72,8 @@ def load_image(record: ImageRecord) -> LoadedImage:
         raise ImageReadError(where, "image too large for memory") from exc
     except Exception as exc:  # noqa: BLE001 - any decoder error is this file's problem
         raise ImageReadError(where, f"cannot read image ({type(exc).__name__}: {exc})") from exc
-    if array.size == 0 or min(array.shape) == 0:
-        raise ImageReadError(where, f"image has no pixels (shape {array.shape})")
+    # Blank, non-finite or tiny images would all embed alike and match each other.
+    array = check_content(array, where)
     return LoadedImage(array=array, spacing=tuple(float(s) for s in spacing), record=record)
 
 
@@ -85,8 +86,11 @@ def read_image(path, subject_id: str = "", modality: str = "") -> LoadedImage:
     from .discovery import discover
 
     path = Path(path)
-    if not path.exists():
-        raise ImageReadError(path, "file not found")
+    try:
+        if not path.exists():
+            raise ImageReadError(path, "file not found")
+    except OSError as exc:  # e.g. a folder on the way that may not be entered
+        raise ImageReadError(path, f"cannot access ({exc.strerror or exc})") from exc
     found = discover([path], require_subject=False)
     if not found.records:
         reason = found.failures[0].reason if found.failures else (

@@ -11,6 +11,7 @@ from typing import Tuple
 import numpy as np
 
 from ..errors import ImageReadError
+from .limits import check_volume_header
 
 # Longest suffixes first so ".nii.gz" wins over ".gz".
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")
@@ -29,6 +30,9 @@ def read_volume_file(path):
     import SimpleITK as sitk
 
     path = str(path)
+    # Declared size and truncated compressed data: checked before SimpleITK allocates (it
+    # would zero-fill a truncated .nii.gz and allocate whatever a header declares).
+    check_volume_header(path)
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as exc:
@@ -76,6 +80,5 @@ def to_array(image, path="") -> Tuple[np.ndarray, Tuple[float, ...]]:
             axis = singles[0]
             array = np.squeeze(array, axis=axis)
             spacing = tuple(s for i, s in enumerate(spacing) if i != axis)
-    if not np.all(np.isfinite(array)):
-        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    # Non-finite values are judged by load_image (limits.check_content), not hidden here.
     return np.ascontiguousarray(array, dtype=np.float32), spacing
