@@ -113,7 +113,8 @@ def test_a_candidate_is_loaded_once(tmp_path):
     from SubjectFingerprintLib.volumes import loadVolumeFile
 
     path = tmp_path / "c.png"
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.uint8)), str(path))
+    # Not constant: the engine refuses blank images.
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(64, dtype=np.uint8).reshape(8, 8)), str(path))
     first = loadVolumeFile(str(path), name="candidate 1")
     again = loadVolumeFile(str(path), name="candidate 1")
     assert again is first
