@@ -5,5 +5,5 @@ tensors), ``sampler`` (P subjects x K images batches, distributed-aware), ``mini
 Few-Shot Fingerprinting paper's Algorithm 1, batch-hard, every triplet; cross-batch memory),
 ``losses`` (triplet margin, contrastive), ``augment``, ``trainer``, ``distributed`` (DDP) and
 ``cli`` (``split``, ``train``, ``evaluate`` subcommands). Evaluation: ``metrics``, ``evaluate``,
-``baselines``, ``calibrate``, ``plots``.
+``baselines``, ``calibration_fit`` (fits the engine's ``calibration``), ``plots``.
 """

@@ -362,7 +362,7 @@ def run(args) -> dict:
     from subject_fingerprint.embed import Embedder
     from subject_fingerprint.io import discover
 
-    from .calibrate import calibration_pairs, fit_calibration
+    from .calibration_fit import calibration_pairs, fit_calibration
     from .splits import load_split
 
     progress = not getattr(args, "quiet", False)

@@ -423,7 +423,7 @@ class Trainer:
     def fit_calibration(self) -> Optional[dict]:
         """Fit the evaluation package's calibration on validation pairs, if it is installed."""
         try:
-            from .calibrate import fit_calibration
+            from .calibration_fit import fit_calibration
         except ImportError:
             return None
         if self.val_set is None or eligible_subjects(self.val_set.labels, 1) < 1:
