@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import json
 import sys
 
@@ -145,26 +142,10 @@ def run_train(args) -> int:
     return EXIT_OK
 
 
-# -- evaluate (the evaluation helper's module) --------------------------------------------------
-
-def _add_evaluate(sub) -> None:
-    mod = None
-    if importlib.util.find_spec(__package__ + ".evaluate") is not None:
-        mod = importlib.import_module(__package__ + ".evaluate")
-    if mod is not None and hasattr(mod, "register"):
-        mod.register(sub)
-        return
-    p = sub.add_parser("evaluate", help="evaluate a model on a split (N-way K-shot, mAP@R, AUC, baselines)")
-    if mod is not None and hasattr(mod, "add_arguments") and hasattr(mod, "main"):
-        mod.add_arguments(p)
-        p.set_defaults(func=mod.main)
-    else:
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args: _error("the evaluation module is not installed"))
-
-
 def register(subparsers) -> None:
     """Add ``split``, ``train`` and ``evaluate`` to the main command line."""
+    from .evaluate import register as register_evaluate
+
     _add_split(subparsers)
     _add_train(subparsers)
-    _add_evaluate(subparsers)
+    register_evaluate(subparsers)

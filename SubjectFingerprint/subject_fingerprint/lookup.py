@@ -1,7 +1,7 @@
 """High-level calls behind the command line and the Slicer module: index images into a
 library, and find the closest subjects for new images.
 
-Both accept a checkpoint path, a loaded :class:`~subject_fingerprint.checkpoint.FingerprintModel`
+Both accept a checkpoint path, a loaded :class:`~subject_fingerprint.model.FingerprintModel`
 or ``None`` (the bundled starter model).
 """
 
@@ -49,7 +49,8 @@ class Cancelled(FingerprintError):
 
 def resolve_model(model=None, device="cpu"):
     """Return a FingerprintModel from a model object, a checkpoint path or None (starter)."""
-    from .checkpoint import FingerprintModel, default_model_path, load_checkpoint
+    from .checkpoint import default_model_path, load_checkpoint
+    from .model import FingerprintModel
 
     if isinstance(model, FingerprintModel):
         return model
