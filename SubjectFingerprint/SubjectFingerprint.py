@@ -30,7 +30,6 @@ except ImportError:  # Slicer before 5.4
     def _(text):
         return text
 
-STARTER_MODEL_NAME = "starter-2d-cxr.pt"
 SETTINGS_PREFIX = "SubjectFingerprint/"
 RESULTS_TABLE_NAME = "SubjectFingerprint matches"
 
@@ -120,7 +119,7 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.reportFolderLineEdit.connect("currentPathChanged(QString)", self.onPathsChanged)
         self.ui.buildFolderLineEdit.connect("currentPathChanged(QString)", self.onPathsChanged)
         self.ui.modelPathLineEdit.toolTip = _("Fingerprint model checkpoint (.pt). Empty: the bundled starter "
-                                              "model ({name}).").format(name=STARTER_MODEL_NAME)
+                                              "model, or the one named by $SUBJECT_FINGERPRINT_MODEL.")
 
         self.ui.findMatchesButton.connect("clicked(bool)", self.onFindMatches)
         self.ui.addToLibraryButton.connect("clicked(bool)", self.onAddToLibrary)
@@ -414,10 +413,8 @@ class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
         ensureDependencies(training=training, interactive=interactive)
 
     def defaultModelPath(self) -> str:
-        """The bundled starter model: next to the module's resources (Slicer build) or the repo's."""
-        shipped = os.path.join(self.moduleDir(), "Resources", "Models", STARTER_MODEL_NAME)
-        if os.path.isfile(shipped):
-            return shipped
+        """The engine's default model ($SUBJECT_FINGERPRINT_MODEL, else the bundled starter model
+        beside the engine package: the module's Resources in a Slicer build, or the repository's)."""
         from subject_fingerprint.checkpoint import default_model_path
 
         return str(default_model_path())  # raises CheckpointError with a clear message if absent

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+from subject_fingerprint.errors import EXIT_ERROR, EXIT_OK
 
 
 def _error(message) -> int:

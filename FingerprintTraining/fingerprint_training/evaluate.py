@@ -28,7 +28,7 @@ import numpy as np
 
 from . import metrics as M
 
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+from subject_fingerprint.errors import EXIT_ERROR, EXIT_FOUND, EXIT_OK
 DEFAULT_WAYS = (20, 100)
 DEFAULT_SHOTS = (1, 5)
 SSIM_MAX_PAIRS = 60000   # about 10 minutes of skimage SSIM at 256 px on one core

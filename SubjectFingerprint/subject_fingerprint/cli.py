@@ -17,9 +17,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from . import __version__
-from .errors import FingerprintError
-
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+from .errors import EXIT_ERROR, EXIT_FOUND, EXIT_OK, FingerprintError
 
 # Other packages that add subcommands; absent ones are simply not offered.
 _PLUGINS = ("fingerprint_training.cli", "subject_fingerprint.dedup.cli")

@@ -11,6 +11,7 @@ from typing import Tuple
 import numpy as np
 
 from ..errors import ImageReadError
+from .pixels import rgb_to_grey
 
 # Longest suffixes first so ".nii.gz" wins over ".gz".
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")
@@ -37,13 +38,10 @@ def read_volume_file(path):
         detail = detail.split("ERROR:", 1)[-1].replace(f' for "{path}"', "").replace(f'"{path}"', "")
         raise ImageReadError(
             path, f"cannot read volume file, unknown format or damaged ({detail.strip()[:300]})") from exc
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        if image.GetNumberOfComponentsPerPixel() in (3, 4):
-            channels = [sitk.VectorIndexSelectionCast(image, i, sitk.sitkFloat32) for i in range(3)]
-            image = channels[0] * 0.299 + channels[1] * 0.587 + channels[2] * 0.114
-        else:
-            raise ImageReadError(path, f"vector image with {image.GetNumberOfComponentsPerPixel()} "
-                                       "components per voxel; expected one grey value")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components not in (1, 3, 4):
+        raise ImageReadError(path, f"vector image with {components} components per voxel; "
+                                   "expected one grey value")
     if image.GetDimension() == 4:
         size = image.GetSize()
         if size[3] != 1:
@@ -67,7 +65,10 @@ def to_array(image, path="") -> Tuple[np.ndarray, Tuple[float, ...]]:
             image = sitk.DICOMOrient(image, ORIENTATION)
         except RuntimeError as exc:
             raise ImageReadError(path, f"cannot reorient volume to {ORIENTATION} ({exc})") from exc
-    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    array = sitk.GetArrayFromImage(image)  # colour: channels last
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = rgb_to_grey(array.astype(np.float32, copy=False))
+    array = array.astype(np.float32, copy=False)
     spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
     if array.ndim == 3:
         # A single slice may lie along any axis after reorientation: squeeze whichever.
@@ -76,6 +77,5 @@ def to_array(image, path="") -> Tuple[np.ndarray, Tuple[float, ...]]:
             axis = singles[0]
             array = np.squeeze(array, axis=axis)
             spacing = tuple(s for i, s in enumerate(spacing) if i != axis)
-    if not np.all(np.isfinite(array)):
-        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    # Non-finite voxels are kept as stored: Preprocessing handles them, in one place.
     return np.ascontiguousarray(array, dtype=np.float32), spacing
