@@ -108,10 +108,20 @@ def _add_query(sub) -> None:
 
 
 def _run_query(args) -> int:
+    import os
+
+    from .errors import Failure
     from .lookup import query
 
-    failures: list = []
-    results = query(args.images, args.library, model=args.model, k=args.k,
+    # Cheap checks first: loading the model takes seconds.
+    if not os.path.isfile(args.library):
+        raise FingerprintError(f"{args.library}: no such library file")
+    present = [p for p in args.images if os.path.exists(p)]
+    failures: list = [Failure(p, "no such file or folder") for p in args.images if p not in present]
+    if not present:
+        _report_failures(failures)
+        raise FingerprintError("none of the images to query exists")
+    results = query(present, args.library, model=args.model, k=args.k,
                     device=args.device, failures=failures)
     answers = [{"query": r.query, **r.to_dict()} for r in results]
     if args.json:
@@ -125,12 +135,15 @@ def _run_query(args) -> int:
                 writer.writerow({"query": answer["query"], **subject})
     else:
         for answer in answers:
-            print(f"\n{answer['query']}")
-            subjects = answer["subjects"]
-            columns = ["rank", "subject_id", "dataset", "distance"]
-            if subjects and subjects[0].get("probability") is not None:
-                columns.append("probability")
-            print_table(subjects, columns + ["image_id"])
+            print(f"\nquery: {answer['query']}")
+            for part, title in (("subjects", "closest subjects (distance of their closest image)"),
+                                ("images", "closest images")):
+                rows = answer[part]
+                columns = ["rank", "subject_id", "dataset", "distance"]
+                if rows and rows[0].get("probability") is not None:
+                    columns.append("probability")
+                print(f"{title}:")
+                print_table(rows, columns + ["image_id"])
     _report_failures(failures)
     return EXIT_FOUND if failures else EXIT_OK
 
@@ -169,7 +182,11 @@ def _run_library_info(args) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         for key, value in info.items():
-            print(f"{key}: {value}")
+            if key == "datasets":
+                value = ", ".join(f"{name or '(unnamed)'} ({n} entries)" for name, n in value.items()) or "none"
+            elif key == "file_size_bytes":
+                key, value = "file_size", f"{value / 2**20:.1f} MiB"
+            print(f"{key.replace('_', ' ')}: {value}")
     return EXIT_OK
 
 
