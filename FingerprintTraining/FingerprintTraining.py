@@ -1,6 +1,6 @@
 """FingerprintTraining: train and evaluate fingerprint models from Slicer, out of process.
 
-Training runs in a separate ``PythonSlicer`` process (``python -m subject_fingerprint train``),
+Training runs in a separate ``PythonSlicer`` process (``python -m fingerprint_training train``),
 so a crash or an out-of-memory cannot take Slicer down and Cancel is immediate (a kill).
 The Logic is the scripting API: it works in Slicer's batch mode
 (``Slicer --no-main-window --python-script ...``) and from ``PythonSlicer``.
@@ -216,6 +216,8 @@ class FingerprintTrainingLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
         print(logic.finishBackground(run))   # {'best': '/runs/r1/best.pt', ...}
     """
 
+    commandModule = "fingerprint_training"  # train/evaluate are the training package's commands
+
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.process = None
@@ -237,7 +239,7 @@ class FingerprintTrainingLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
               onLog: Optional[Callable] = None, onProgress: Optional[Callable] = None):
         """Train a model on ``source`` (folder, manifest folder or DICOM export) into ``outDir``.
 
-        ``extraArguments`` are passed on to ``subject_fingerprint train`` (e.g. ``["--size", "64", "64"]``,
+        ``extraArguments`` are passed on to ``fingerprint_training train`` (e.g. ``["--size", "64", "64"]``,
         ``["--resume"]``). Returns the BackgroundProcess; with ``waitForCompletion`` it blocks
         and raises on failure, and ``finishBackground(process)`` gives the run's summary.
         """

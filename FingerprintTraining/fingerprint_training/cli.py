@@ -1,5 +1,7 @@
-"""``subject-fingerprint split | train | evaluate``: registered into the main command line by
-``register(subparsers)``. Heavy imports (torch) happen inside the commands."""
+"""The ``subject-fingerprint`` command line: the engine's commands plus ``split``, ``train`` and
+``evaluate`` (:func:`main`; also ``python -m fingerprint_training``). The training package
+builds on the engine; the engine never imports it. Heavy imports (torch) happen inside the
+commands."""
 
 from __future__ import annotations
 
@@ -149,3 +151,10 @@ def register(subparsers) -> None:
     _add_split(subparsers)
     _add_train(subparsers)
     register_evaluate(subparsers)
+
+
+def main(argv=None) -> int:
+    """Entry point of ``subject-fingerprint`` (and ``python -m fingerprint_training``)."""
+    from subject_fingerprint.cli import main as engine_main
+
+    return engine_main(argv, extra_commands=(register,))

@@ -1,6 +1,6 @@
 """Multi-process training with PyTorch's own engine (torchrun / DDP).
 
-``torchrun --nproc_per_node=G -m subject_fingerprint train ...`` (or the console script) sets
+``torchrun --nproc_per_node=G -m fingerprint_training train ...`` (or the console script) sets
 RANK/WORLD_SIZE/LOCAL_RANK; :func:`setup` then joins the process group (nccl on CUDA, gloo on
 CPU), puts each rank on its own GPU, and the trainer wraps the network in DDP. The subject
 sampler gives each rank different subjects of a shared seeded stream

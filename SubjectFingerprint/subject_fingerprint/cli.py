@@ -1,26 +1,23 @@
 """The ``subject-fingerprint`` command line.
 
-Subcommands of this package: ``index``, ``query`` and ``library``. The training package adds
-``split``, ``train`` and ``evaluate`` and the dedup package ``dedup``, each through its own
-``register(subparsers)``. Exit codes: 0 success, 1 something was found or some items failed,
-2 an error stopped the command.
+Subcommands of the engine: ``index``, ``query``, ``library`` and ``dedup``. The training package
+depends on the engine, never the other way round: its command line
+(``fingerprint_training.cli.main``, which the installed ``subject-fingerprint`` runs) is this one
+plus ``split``, ``train`` and ``evaluate``, passed in as ``extra_commands``. Exit codes: 0
+success, 1 something was found or some items failed, 2 an error stopped the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import logging
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .errors import EXIT_ERROR, EXIT_FOUND, EXIT_OK, FingerprintError
-
-# Other packages that add subcommands; absent ones are simply not offered.
-_PLUGINS = ("fingerprint_training.cli", "subject_fingerprint.dedup.cli")
 
 
 def _common_model_args(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +223,11 @@ def _run_library_remove(args) -> int:
 
 # -- entry point -------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Sequence[Callable] = ()) -> argparse.ArgumentParser:
+    """The parser of the engine's commands; each of ``extra_commands`` is a
+    ``register(subparsers)`` of a package built on the engine."""
+    from .dedup.cli import register as register_dedup
+
     parser = argparse.ArgumentParser(
         prog="subject-fingerprint",
         description="Recognise the same subject across medical images.")
@@ -236,19 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(sub)
     _add_query(sub)
     _add_library(sub)
-    for name in _PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # the package that adds these commands is not installed
-            raise
-        module.register(sub)
+    register_dedup(sub)
+    for register in extra_commands:
+        register(sub)
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+def main(argv: Optional[List[str]] = None, extra_commands: Sequence[Callable] = ()) -> int:
+    parser = build_parser(extra_commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

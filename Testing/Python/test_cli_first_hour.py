@@ -11,7 +11,7 @@ import pytest
 
 from subject_fingerprint import checkpoint
 from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
-from subject_fingerprint.cli import main
+from fingerprint_training.cli import main
 from subject_fingerprint.preprocess import Preprocessing
 
 
