@@ -3,7 +3,6 @@ run, checkpoints carry what they were trained on (the two-process DDP step: test
 
 import csv
 
-import numpy as np
 import pytest
 import torch
 
