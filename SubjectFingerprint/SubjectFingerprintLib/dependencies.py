@@ -14,6 +14,7 @@ TORCH_REQUIREMENT = ">=2.2"
 # (import name, pip requirement). SimpleITK ships with Slicer and is left alone.
 PACKAGES: Tuple[Tuple[str, str], ...] = (
     ("monai", "monai>=1.3"),
+    ("scipy", "scipy>=1.9"),
     ("h5py", "h5py>=3.8"),
     ("pydicom", "pydicom>=2.4"),
     ("PIL", "pillow>=9"),
@@ -26,6 +27,7 @@ PACKAGES: Tuple[Tuple[str, str], ...] = (
 TRAINING_PACKAGES: Tuple[Tuple[str, str], ...] = (
     ("sklearn", "scikit-learn>=1.2"),
     ("matplotlib", "matplotlib>=3.6"),
+    ("pytorch_metric_learning", "pytorch-metric-learning>=2.0"),
 )
 
 
