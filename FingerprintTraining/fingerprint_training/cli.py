@@ -153,6 +153,13 @@ def register(subparsers) -> None:
     register_evaluate(subparsers)
 
 
+def build_parser():
+    """The parser of the whole command line (the engine's commands and these)."""
+    from subject_fingerprint.cli import build_parser as engine_parser
+
+    return engine_parser(extra_commands=(register,))
+
+
 def main(argv=None) -> int:
     """Entry point of ``subject-fingerprint`` (and ``python -m fingerprint_training``)."""
     from subject_fingerprint.cli import main as engine_main
