@@ -45,6 +45,8 @@ class FingerprintTrainingLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
         print(logic.finishBackground(run))   # {'best': '/runs/r1/best.pt', ...}
     """
 
+    commandModule = "fingerprint_training"  # train/evaluate are the training package's commands
+
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.process = None
@@ -66,7 +68,7 @@ class FingerprintTrainingLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
               onLog: Optional[Callable] = None, onProgress: Optional[Callable] = None):
         """Train a model on ``source`` (folder, manifest folder or DICOM export) into ``outDir``.
 
-        ``extraArguments`` are passed on to ``subject_fingerprint train`` (e.g. ``["--size", "64", "64"]``,
+        ``extraArguments`` are passed on to ``fingerprint_training train`` (e.g. ``["--size", "64", "64"]``,
         ``["--resume"]``). Returns the BackgroundProcess; with ``waitForCompletion`` it blocks
         and raises on failure, and ``finishBackground(process)`` gives the run's summary.
         """

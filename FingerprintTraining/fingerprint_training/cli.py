@@ -1,15 +1,14 @@
-"""``subject-fingerprint split | train | evaluate``: registered into the main command line by
-``register(subparsers)``. Heavy imports (torch) happen inside the commands."""
+"""The ``subject-fingerprint`` command line: the engine's commands plus ``split``, ``train`` and
+``evaluate`` (:func:`main`; also ``python -m fingerprint_training``). The training package
+builds on the engine; the engine never imports it. Heavy imports (torch) happen inside the
+commands."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import json
 import sys
 
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+from subject_fingerprint.errors import EXIT_ERROR, EXIT_OK
 
 
 def _error(message) -> int:
@@ -145,26 +144,24 @@ def run_train(args) -> int:
     return EXIT_OK
 
 
-# -- evaluate (the evaluation helper's module) --------------------------------------------------
-
-def _add_evaluate(sub) -> None:
-    mod = None
-    if importlib.util.find_spec(__package__ + ".evaluate") is not None:
-        mod = importlib.import_module(__package__ + ".evaluate")
-    if mod is not None and hasattr(mod, "register"):
-        mod.register(sub)
-        return
-    p = sub.add_parser("evaluate", help="evaluate a model on a split (N-way K-shot, mAP@R, AUC, baselines)")
-    if mod is not None and hasattr(mod, "add_arguments") and hasattr(mod, "main"):
-        mod.add_arguments(p)
-        p.set_defaults(func=mod.main)
-    else:
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args: _error("the evaluation module is not installed"))
-
-
 def register(subparsers) -> None:
     """Add ``split``, ``train`` and ``evaluate`` to the main command line."""
+    from .evaluate import register as register_evaluate
+
     _add_split(subparsers)
     _add_train(subparsers)
-    _add_evaluate(subparsers)
+    register_evaluate(subparsers)
+
+
+def build_parser():
+    """The parser of the whole command line (the engine's commands and these)."""
+    from subject_fingerprint.cli import build_parser as engine_parser
+
+    return engine_parser(extra_commands=(register,))
+
+
+def main(argv=None) -> int:
+    """Entry point of ``subject-fingerprint`` (and ``python -m fingerprint_training``)."""
+    from subject_fingerprint.cli import main as engine_main
+
+    return engine_main(argv, extra_commands=(register,))

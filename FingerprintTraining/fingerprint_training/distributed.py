@@ -1,6 +1,6 @@
 """Multi-process training with PyTorch's own engine (torchrun / DDP).
 
-``torchrun --nproc_per_node=G -m subject_fingerprint train ...`` (or the console script) sets
+``torchrun --nproc_per_node=G -m fingerprint_training train ...`` (or the console script) sets
 RANK/WORLD_SIZE/LOCAL_RANK; :func:`setup` then joins the process group (nccl on CUDA, gloo on
 CPU), puts each rank on its own GPU, and the trainer wraps the network in DDP. The subject
 sampler gives each rank different subjects of a shared seeded stream
@@ -58,37 +58,24 @@ def setup(device: torch.device, backend: Optional[str] = None) -> DistContext:
 
 
 def wrap(network: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """DDP-wrap ``network`` when running distributed (BatchNorm buffers follow rank 0)."""
+    """DDP-wrap ``network`` when running distributed.
+
+    On CUDA, BatchNorm becomes ``SyncBatchNorm`` (in place: ``network`` itself is converted),
+    so batch statistics and running statistics come from every rank's batch and stay identical
+    on all ranks. SyncBatchNorm does not run on CPU; there (gloo, mainly for tests) each rank
+    keeps running statistics of its own batches and rank 0's are the ones validated and saved.
+    """
     if ctx.world_size <= 1:
         return network
     from torch.nn.parallel import DistributedDataParallel as DDP
     if ctx.device is not None and ctx.device.type == "cuda":
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
         return DDP(network, device_ids=[ctx.device.index], output_device=ctx.device.index)
     return DDP(network)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") else network
-
-
-def average_buffers(network: torch.nn.Module, ctx: DistContext) -> None:
-    """Average floating-point buffers (BatchNorm running statistics) over the ranks.
-
-    DDP keeps parameters identical but each rank updates its running statistics from its own
-    batch; averaging them before validation and saving makes every rank hold the same model,
-    with statistics of all ranks' data.
-    """
-    if ctx.world_size <= 1:
-        return
-    buffers = [b for b in unwrap(network).buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-    flat = _flatten_dense_tensors([b.data for b in buffers])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= ctx.world_size
-    for b, v in zip(buffers, _unflatten_dense_tensors(flat, [b.data for b in buffers])):
-        b.data.copy_(v)
 
 
 def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
@@ -109,37 +96,3 @@ def barrier(ctx: DistContext) -> None:
 def cleanup(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
-
-
-# -- self-test: two CPU processes, gloo, one step ------------------------------------------------
-
-def _selftest_worker(rank: int, world_size: int, port: int, out_dir: str, steps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from .data import synthetic_dataset
-    from .trainer import TrainConfig, Trainer
-
-    ds = synthetic_dataset(n_subjects=8, images_per_subject=3, size=(32, 32), seed=3)
-    cfg = TrainConfig(out=os.path.join(out_dir, "run"), dims=2, depth=18, size=(32, 32), steps=steps,
-                      batch_subjects=2, images_per_subject=3, margin=1.0, device="cpu",
-                      val_every=0, progress=False, seed=11, calibrate=False, write_outputs=False)
-    trainer = Trainer(cfg, ds, None)
-    first_batch = trainer.sampler.batch(0)
-    trainer.run()
-    net = unwrap(trainer.network)
-    torch.save({"state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "batch": first_batch.tolist()}, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def selftest(out_dir: str, world_size: int = 2, steps: int = 1, port: Optional[int] = None) -> list:
-    """Train ``steps`` steps in ``world_size`` CPU processes (gloo); return each rank's saved
-    {"state", "batch"} so a caller can check that the weights agree."""
-    import socket
-    import torch.multiprocessing as mp
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    mp.spawn(_selftest_worker, args=(world_size, port, out_dir, steps), nprocs=world_size, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import metrics as M
 
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+from subject_fingerprint.errors import EXIT_ERROR, EXIT_FOUND, EXIT_OK
 DEFAULT_WAYS = (20, 100)
 DEFAULT_SHOTS = (1, 5)
 SSIM_MAX_PAIRS = 60000   # about 10 minutes of skimage SSIM at 256 px on one core
@@ -255,7 +255,7 @@ def results_markdown(result: dict, title: str = "") -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``subject-fingerprint evaluate``."""
     p.add_argument("source", help="image folder, DICOM tree or file set (as for index/train)")
-    p.add_argument("--model", required=True, help="checkpoint to evaluate")
+    p.add_argument("--model", help="checkpoint to evaluate (default: the bundled starter model)")
     p.add_argument("--manifest", help="manifest CSV (subject_id,image_path[,modality,view])")
     p.add_argument("--split", required=True, help="split JSON (train/val/test subject lists)")
     p.add_argument("--subset", choices=("test", "val", "all"), default="test",
@@ -362,13 +362,15 @@ def run(args) -> dict:
     from subject_fingerprint.embed import Embedder
     from subject_fingerprint.io import discover
 
-    from .calibrate import calibration_pairs, fit_calibration
+    from .calibration_fit import calibration_pairs, fit_calibration
     from .splits import load_split
+
+    from subject_fingerprint.checkpoint import default_model_path
 
     progress = not getattr(args, "quiet", False)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    args.model = str(args.model or default_model_path())
     model = load_checkpoint(args.model)
     split = load_split(args.split)
     found = discover([args.source], manifest=args.manifest)
@@ -423,6 +425,7 @@ def run(args) -> dict:
                                        list(found.failures) + list(ds.failures)],
                      "device": str(embedder.device)}
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that failed leaves nothing
     figures = {}
     if not args.no_plots:
         from . import plots
@@ -471,9 +474,13 @@ def main(args) -> int:
     """Entry point of ``subject-fingerprint evaluate``; returns the exit code."""
     from subject_fingerprint.errors import FingerprintError
 
+    out_dir = Path(args.out)
+    existed = out_dir.exists()
     try:
         result = run(args)
     except (FingerprintError, ValueError, OSError) as exc:
+        if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed run leaves no empty folder behind
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if not getattr(args, "quiet", False):

@@ -19,34 +19,12 @@ Labels can be any hashable values (strings or integers).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
+from subject_fingerprint.distances import METRICS, pairwise, row_distances
 
-DISTANCES = ("euclidean", "cosine")
-
-
-# -- distances -----------------------------------------------------------------------------------
-
-def pairwise_distances(a, b, distance: str = "euclidean") -> np.ndarray:
-    """Distance matrix (len(a), len(b)) between two sets of row vectors (float64)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.ndim == 1:
-        a = a[None]
-    if b.ndim == 1:
-        b = b[None]
-    if distance == "euclidean":
-        # |a|^2 + |b|^2 - 2ab in float64; clip the tiny negatives rounding can produce.
-        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-        return np.sqrt(np.maximum(sq, 0.0))
-    if distance == "cosine":
-        na = np.linalg.norm(a, axis=1, keepdims=True)
-        nb = np.linalg.norm(b, axis=1, keepdims=True)
-        an = a / np.where(na == 0, 1.0, na)
-        bn = b / np.where(nb == 0, 1.0, nb)
-        return np.clip(1.0 - an @ bn.T, 0.0, 2.0)
-    raise ValueError(f"unknown distance {distance!r}; use one of {', '.join(DISTANCES)}")
+DISTANCES = METRICS  # "euclidean" | "cosine" (subject_fingerprint.distances)
 
 
 def _labels(labels, n: Optional[int] = None) -> np.ndarray:
@@ -239,7 +217,7 @@ def nway_kshot(embeddings, labels, n_way: int, k_shot: int, episodes: int = 100,
     tie_rng = np.random.default_rng([int(seed), 1])
     recalls, hits = [], []
     for queries, supports in eps:
-        d = pairwise_distances(e[queries], e[supports.reshape(-1)], distance)
+        d = pairwise(e[queries], e[supports.reshape(-1)], distance)
         r, h = score_episode(d, k_shot, int(max_r), tie_rng)
         recalls.append(r.mean())
         hits.append(h.mean(0))
@@ -249,9 +227,37 @@ def nway_kshot(embeddings, labels, n_way: int, k_shot: int, episodes: int = 100,
 
 # -- whole-gallery leave-one-out retrieval --------------------------------------------------------
 
+def _knn_from_blocks(block_fn, n: int, block_size: int):
+    """A ``knn_func`` for PML's AccuracyCalculator that ranks by ``block_fn`` distances.
+
+    The calculator is given image indices as its "embeddings", so the same code scores
+    learned embeddings and pixel baselines; the query itself is left out, ties keep index
+    order (a stable sort of the k nearest).
+    """
+    import torch
+
+    def knn(query, k, reference, ref_includes_query=False):
+        q_all = query[:, 0].round().long().numpy()
+        k = min(int(k), n - 1)
+        dist_out, idx_out = [], []
+        for start in range(0, len(q_all), block_size):
+            q = q_all[start:start + block_size]
+            d = np.array(block_fn(q), dtype=np.float64)
+            d[np.arange(len(q)), q] = np.inf  # leave the query itself out
+            part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < n else np.argsort(d, axis=1)
+            pd = np.take_along_axis(d, part, 1)
+            order = np.take_along_axis(part, np.argsort(pd, axis=1, kind="stable"), 1)
+            dist_out.append(np.take_along_axis(d, order, 1))
+            idx_out.append(order)
+        return torch.from_numpy(np.concatenate(dist_out)), torch.from_numpy(np.concatenate(idx_out))
+
+    return knn
+
+
 def retrieval_metrics(embeddings=None, labels=None, distance: str = "euclidean",
                       block_size: int = 1024, block_fn: Optional[Callable] = None) -> dict:
-    """Leave-one-out retrieval over the whole gallery (Packhäuser et al.).
+    """Leave-one-out retrieval over the whole gallery (Packhäuser et al.), scored by
+    pytorch-metric-learning's ``AccuracyCalculator``.
 
     Every image with at least one other image of its subject is a query against all other
     images (single-image subjects remain as distractors). With R = number of other images of
@@ -260,6 +266,9 @@ def retrieval_metrics(embeddings=None, labels=None, distance: str = "euclidean",
     relevant. ``block_fn(query_indices) -> (len, n)`` distances may replace the embeddings
     (baselines). Returns {"map_at_r", "r_precision", "precision_at_1", "queries", "gallery"}.
     """
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
     labels = _labels(labels)
     n = len(labels)
     if block_fn is None:
@@ -268,37 +277,24 @@ def retrieval_metrics(embeddings=None, labels=None, distance: str = "euclidean",
             raise ValueError(f"{n} labels for {len(e)} embeddings")
 
         def block_fn(q):
-            return pairwise_distances(e[q], e, distance)
+            return pairwise(e[q], e, distance)
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    per_image_r = counts[inverse] - 1
-    queries = np.flatnonzero(per_image_r >= 1)
-    if len(queries) == 0:
+    inverse = inverse.ravel()
+    queries = int((counts[inverse] >= 2).sum())
+    if queries == 0:
         raise ValueError("no subject has two or more images: leave-one-out retrieval is undefined")
-    max_r = int(per_image_r.max())
     # Keep a block's distance matrix near 160 MB (float64) whatever the gallery size.
     block_size = max(1, min(int(block_size), 20_000_000 // max(n, 1)))
-    ap_sum = rp_sum = p1_sum = 0.0
-    for start in range(0, len(queries), block_size):
-        q = queries[start:start + block_size]
-        d = np.array(block_fn(q), dtype=np.float64)
-        d[np.arange(len(q)), q] = np.inf  # leave the query itself out
-        k = min(max_r, n - 1)
-        # Partial sort to the k nearest, then a stable full sort of those only.
-        part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < n else np.argsort(d, axis=1)
-        pd = np.take_along_axis(d, part, 1)
-        order = np.take_along_axis(part, np.argsort(pd, axis=1, kind="stable"), 1)
-        rel = inverse[order] == inverse[q][:, None]              # (b, k)
-        r = per_image_r[q]                                        # (b,)
-        within = np.arange(1, k + 1)[None, :] <= r[:, None]      # positions 1..R
-        rel_r = rel & within
-        hits_cum = np.cumsum(rel_r, axis=1)
-        prec = hits_cum / np.arange(1, k + 1)[None, :]
-        ap_sum += float(((prec * rel_r).sum(1) / r).sum())
-        rp_sum += float((rel_r.sum(1) / r).sum())
-        p1_sum += float(rel[:, 0].sum())
-    nq = len(queries)
-    return {"map_at_r": ap_sum / nq, "r_precision": rp_sum / nq, "precision_at_1": p1_sum / nq,
-            "queries": int(nq), "gallery": int(n)}
+    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "r_precision",
+                                       "precision_at_1"),
+                              k="max_bin_count", device=torch.device("cpu"),
+                              knn_func=_knn_from_blocks(block_fn, n, block_size))
+    index = torch.arange(n, dtype=torch.float64)[:, None]
+    acc = calc.get_accuracy(index, torch.from_numpy(inverse), ref_includes_query=True)
+    return {"map_at_r": float(acc["mean_average_precision_at_r"]),
+            "r_precision": float(acc["r_precision"]),
+            "precision_at_1": float(acc["precision_at_1"]),
+            "queries": queries, "gallery": int(n)}
 
 
 # -- verification ---------------------------------------------------------------------------------
@@ -348,12 +344,7 @@ def pair_distances(embeddings, pairs, distance: str = "euclidean") -> np.ndarray
     """Distance of each (i, j) pair of rows."""
     e = _embeddings(embeddings)
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    if distance == "euclidean":
-        return np.linalg.norm(e[pairs[:, 0]] - e[pairs[:, 1]], axis=1)
-    a, b = e[pairs[:, 0]], e[pairs[:, 1]]
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    den = np.where((na * nb) == 0, 1.0, na * nb)
-    return np.clip(1.0 - (a * b).sum(1) / den, 0.0, 2.0)
+    return row_distances(e, e, pairs[:, 0], pairs[:, 1], distance)
 
 
 def roc_auc(pos_distances, neg_distances) -> float:
@@ -366,46 +357,31 @@ def roc_auc(pos_distances, neg_distances) -> float:
     return float(roc_auc_score(y, -np.concatenate([pos, neg])))
 
 
-def _auc_groups(pos, neg):
-    """Scores (-distance) of all pairs reduced to tie groups in ascending order, for the
-    rank form of the AUC. Returns (labels y, group index per item, number of groups)."""
-    s = -np.concatenate([pos, neg])
-    y = np.concatenate([np.ones(len(pos), bool), np.zeros(len(neg), bool)])
-    _, group = np.unique(s, return_inverse=True)
-    return y, group.ravel(), int(group.max()) + 1
-
-
-def _weighted_auc(y, group, n_groups, w) -> float:
-    """AUC with item weights (Mann-Whitney, ties count one half) in O(n)."""
-    wp = np.bincount(group[y], weights=w[y], minlength=n_groups)
-    wn = np.bincount(group[~y], weights=w[~y], minlength=n_groups)
-    tp, tn = wp.sum(), wn.sum()
-    if tp == 0 or tn == 0:
-        return float("nan")
-    below = np.cumsum(wn) - wn          # negative weight strictly below each group
-    return float((wp * (below + 0.5 * wn)).sum() / (tp * tn))
-
-
 def bootstrap_auc(pos_distances, neg_distances, n_boot: int = 1000, seed: int = 0,
                   level: float = 0.95):
     """Percentile bootstrap interval of the AUC: resample all pairs with replacement
     (indices 0..n-1 inclusive, unlike the seed code's off-by-one), skipping resamples
     that lack one class. Returns (low, high).
 
-    A resample is scored as the AUC with each pair weighted by how often it was drawn,
-    which equals ``roc_auc_score`` on the resample but costs O(n) instead of a sort.
+    A resample is scored by ``roc_auc_score`` with each pair weighted by how often it was
+    drawn, which equals the AUC of the resample itself.
     """
+    from sklearn.metrics import roc_auc_score
+
     pos = np.asarray(pos_distances, dtype=np.float64)
     neg = np.asarray(neg_distances, dtype=np.float64)
-    y, group, n_groups = _auc_groups(pos, neg)
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    score = -np.concatenate([pos, neg])
     rng = np.random.default_rng(seed)
     n = len(y)
     aucs = []
     for _ in range(int(n_boot)):
         idx = rng.integers(0, n, n)  # high is exclusive: every index can be drawn
-        a = _weighted_auc(y, group, n_groups, np.bincount(idx, minlength=n).astype(np.float64))
-        if not np.isnan(a):
-            aucs.append(a)
+        weight = np.bincount(idx, minlength=n).astype(np.float64)
+        drawn = weight > 0
+        if y[drawn].min() == y[drawn].max():
+            continue  # one class only: the AUC is undefined
+        aucs.append(roc_auc_score(y[drawn], score[drawn], sample_weight=weight[drawn]))
     if not aucs:
         return float("nan"), float("nan")
     alpha = (1.0 - level) / 2.0
@@ -479,7 +455,7 @@ def cluster_distances(embeddings, labels, distance: str = "euclidean") -> dict:
         raise ValueError(f"MIASD/MIESD need two subjects with more than one image "
                          f"(have {len(groups)})")
     centroids = np.stack([e[idx].mean(0) for idx in groups])
-    intra = np.array([pairwise_distances(e[idx], c[None], distance)[:, 0].mean()
+    intra = np.array([pairwise(e[idx], c[None], distance)[:, 0].mean()
                       for idx, c in zip(groups, centroids)])
     m = len(groups)
     # Row sums of the centroid distance matrix in blocks (m can be tens of thousands),
@@ -487,20 +463,10 @@ def cluster_distances(embeddings, labels, distance: str = "euclidean") -> dict:
     step = max(1, 20_000_000 // m)
     sums = []
     for i in range(0, m, step):
-        d = pairwise_distances(centroids[i:i + step], centroids, distance)
+        d = pairwise(centroids[i:i + step], centroids, distance)
         d[np.arange(len(d)), np.arange(i, i + len(d))] = 0.0
         sums.append(d.sum(1))
     inter = np.concatenate(sums) / (m - 1)
     return {"miasd": float(intra.mean()), "miasd_std": float(intra.std()),
             "miesd": float(inter.mean()), "miesd_std": float(inter.std()),
             "subjects": int(m), "intra": intra.tolist(), "inter": inter.tolist()}
-
-
-def summarize_settings(results: Sequence[dict]) -> list:
-    """Compact rows (n_way, k_shot, MRe@K, MH@1, MH@max) for tables."""
-    rows = []
-    for r in results:
-        h = r["mean_hit_at_r"]
-        rows.append((r["n_way"], r["k_shot"], r["mean_recall_at_k"], h.get("1"),
-                     h.get(str(max(int(k) for k in h)))))
-    return rows

@@ -7,7 +7,7 @@ subjects and takes its own slice of them, so ranks never share a subject in a st
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -76,12 +76,6 @@ class SubjectBatchSampler:
         images = [self._images(rng, self.members[s]) for s in picked]  # same draws on every rank
         mine = images[self.rank * self.P:(self.rank + 1) * self.P]
         return np.concatenate(mine)
-
-    def iter_from(self, start_step: int = 0) -> Iterator[np.ndarray]:
-        step = start_step
-        while True:
-            yield self.batch(step)
-            step += 1
 
 
 class InstanceBatchSampler:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import os
 import platform
 import time
@@ -22,10 +21,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from monai.optimizers import WarmupCosineSchedule
 from subject_fingerprint.csvsafe import SafeDictWriter
+from subject_fingerprint.device import resolve_device
+from subject_fingerprint.model import FingerprintModel
 
 from . import distributed as ddp
+from . import metrics
 from .augment import AugmentConfig, augment
+from .calibration_fit import calibration_pairs, fit_calibration
 from .data import InMemoryDataset
 from .losses import MetricObjective
 from .sampler import InstanceBatchSampler, SubjectBatchSampler
@@ -119,52 +123,6 @@ def _seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def fallback_nway_kshot(embeddings, labels, n_way, k_shot, episodes=100, seed=0, max_r=5, groups=None):
-    """Minimal N-way K-shot (Mean-Recall@K, Mean Hit@R) used only when the evaluation
-    package's ``metrics.nway_kshot`` is not installed."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    eligible = [s for s in np.unique(labels) if (labels == s).sum() >= k_shot + 1]
-    recalls, hits = [], {r: [] for r in range(1, max_r + 1)}
-    for _ in range(episodes):
-        chosen = rng.choice(eligible, n_way, replace=False)
-        sup, sup_lab, qry, qry_lab = [], [], [], []
-        for s in chosen:
-            idx = rng.permutation(np.flatnonzero(labels == s))[:k_shot + 1]
-            sup += list(idx[:k_shot]); sup_lab += [s] * k_shot; qry.append(idx[k_shot]); qry_lab.append(s)
-        d = np.linalg.norm(embeddings[qry][:, None] - embeddings[sup][None], axis=2)
-        order = np.argsort(d, axis=1, kind="stable")
-        rel = np.asarray(sup_lab)[order] == np.asarray(qry_lab)[:, None]
-        recalls.append(rel[:, :k_shot].sum(1).mean() / k_shot)
-        for r in hits:
-            hits[r].append(rel[:, :r].any(1).mean())
-    return {"n_way": int(n_way), "k_shot": int(k_shot), "episodes": int(episodes),
-            "mean_recall_at_k": float(np.mean(recalls)),
-            "mean_hit_at_r": {str(r): float(np.mean(v)) for r, v in hits.items()}}
-
-
-def _nway_kshot():
-    try:
-        from .metrics import nway_kshot
-        return nway_kshot
-    except ImportError:
-        return fallback_nway_kshot
-
-
-def eligible_subjects(labels: np.ndarray, k_shot: int) -> int:
-    counts = np.bincount(np.asarray(labels))
-    return int((counts >= k_shot + 1).sum())
-
-
 def _read_state(path) -> dict:
     """``last.pt`` read like ``load_checkpoint`` reads models: weights only, and every problem
     (pickled code, damage, another file) a ``CheckpointError`` that names the file."""
@@ -196,9 +154,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, train_set: InMemoryDataset,
                  val_set: Optional[InMemoryDataset] = None, preprocessing=None,
                  data_info: Optional[dict] = None, modalities: Sequence[str] = ()):
-        from subject_fingerprint.checkpoint import FingerprintModel
-        from subject_fingerprint.device import resolve_device
-
         self.cfg = config
         if config.threads:
             torch.set_num_threads(int(config.threads))
@@ -240,8 +195,11 @@ class Trainer:
             (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on norms/biases
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.min_lr_ratio))
+        # Warm-up from lr/warmup to lr, then cosine decay floored at min_lr_ratio * lr.
+        self.scheduler = WarmupCosineSchedule(
+            self.optimizer, warmup_steps=config.warmup, t_total=config.steps,
+            end_lr=config.lr * config.min_lr_ratio,
+            warmup_multiplier=1.0 / config.warmup if config.warmup > 0 else 0.0)
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.aug_config = AugmentConfig()
@@ -261,19 +219,16 @@ class Trainer:
         if self.instance_sampler is not None and step < self.cfg.pretrain_steps:
             idx = self.instance_sampler.batch(step)
             n = len(idx)
-            labels = torch.from_numpy(idx.astype(np.int64))
-            ids = torch.arange(n, dtype=torch.long)          # every copy a distinct view
+            labels = torch.from_numpy(idx.astype(np.int64))  # copies of an image are positives
             groups = torch.arange(n, dtype=torch.long)       # so cross-modal masks accept copies
-            return "pretrain", idx, labels, ids, groups
+            return "pretrain", idx, labels, groups
         idx = self.sampler.batch(step)
-        return ("train", idx, torch.from_numpy(ds.labels[idx]), torch.from_numpy(idx.astype(np.int64)),
-                torch.from_numpy(ds.groups[idx]))
+        return "train", idx, torch.from_numpy(ds.labels[idx]), torch.from_numpy(ds.groups[idx])
 
     def train_step(self, step: int) -> dict:
-        phase, idx, labels, ids, groups = self._batch(step)
-        if phase == "train" and step == self.cfg.pretrain_steps and self.objective.memory is not None \
-                and self.cfg.pretrain_steps > 0:
-            self.objective.memory = type(self.objective.memory)(self.cfg.xbm, self.cfg.embedding_dim)
+        phase, idx, labels, groups = self._batch(step)
+        if phase == "train" and step == self.cfg.pretrain_steps and self.cfg.pretrain_steps > 0:
+            self.objective.reset_memory()
         x = self.train_set.images[torch.from_numpy(idx)].to(self.device, non_blocking=True)
         rank = self.ctx.rank
         if self.cfg.augment:
@@ -283,7 +238,7 @@ class Trainer:
         self.network.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
             emb = self.network(x)
-        loss, stats = self.objective(emb.float(), labels, ids, groups, generator=mine_gen, step=step)
+        loss, stats = self.objective(emb.float(), labels, groups, generator=mine_gen, step=step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip and self.cfg.grad_clip > 0:
@@ -317,7 +272,10 @@ class Trainer:
     def val_n_way(self) -> int:
         if self.val_set is None:
             return 0
-        n = min(self.cfg.val_n_way, eligible_subjects(self.val_set.labels, self.cfg.val_k_shot))
+        # cross-modal episodes need K supports of another modality than the query
+        groups = self.val_set.groups if self.cfg.cross_modal else None
+        eligible = len(metrics.eligible_subjects(self.val_set.labels, self.cfg.val_k_shot, groups))
+        n = min(self.cfg.val_n_way, eligible)
         return n if n >= 2 else 0
 
     def validate(self) -> Optional[dict]:
@@ -325,17 +283,9 @@ class Trainer:
         if not n_way:
             return None
         groups = self.val_set.groups if self.cfg.cross_modal else None
-        if groups is not None:
-            try:  # cross-modal episodes need K supports of another modality than the query
-                from .metrics import eligible_subjects as cross_eligible
-                n_way = min(n_way, len(cross_eligible(self.val_set.labels, self.cfg.val_k_shot, groups)))
-            except ImportError:
-                pass
-            if n_way < 2:
-                return None
         emb = self.embed(self.val_set.images)
-        return _nway_kshot()(emb, self.val_set.labels, n_way=n_way, k_shot=self.cfg.val_k_shot,
-                             episodes=self.cfg.val_episodes, seed=0, groups=groups)
+        return metrics.nway_kshot(emb, self.val_set.labels, n_way=n_way, k_shot=self.cfg.val_k_shot,
+                                  episodes=self.cfg.val_episodes, seed=0, groups=groups)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _metadata(self, steps_done: int) -> dict:
@@ -362,7 +312,7 @@ class Trainer:
                 "network": {k: v.detach().cpu() for k, v in ddp.unwrap(self.network).state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "xbm": self.objective.memory.state_dict() if self.objective.memory is not None else None,
+                "xbm": self.objective.state_dict(),
                 "best_metric": self.best_metric, "best_step": self.best_step,
                 "best_validation": json.dumps(self.best_validation),
                 "bad_validations": self.bad_validations, "seconds": self.seconds_before,
@@ -402,8 +352,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        if state["xbm"] is not None and self.objective.memory is not None:
-            self.objective.memory.load_state_dict(state["xbm"])
+        self.objective.load_state_dict(state["xbm"])
         self.step = int(state["step"])
         self.best_metric, self.best_step = state["best_metric"], int(state["best_step"])
         self.best_validation = json.loads(state["best_validation"])
@@ -461,22 +410,15 @@ class Trainer:
 
     # -- calibration ----------------------------------------------------------------------------
     def fit_calibration(self) -> Optional[dict]:
-        """Fit the evaluation package's calibration on validation pairs, if it is installed."""
-        try:
-            from .calibrate import fit_calibration
-        except ImportError:
-            return None
-        if self.val_set is None or eligible_subjects(self.val_set.labels, 1) < 1:
+        """Calibration fitted on validation pairs: all same-subject pairs and a seeded sample of
+        different-subject pairs (as ``evaluate`` does), never an N x N x D array."""
+        if self.val_set is None:
             return None
         emb = self.embed(self.val_set.images)
-        d = np.linalg.norm(emb[:, None] - emb[None], axis=2)
-        same = self.val_set.labels[:, None] == self.val_set.labels[None]
-        iu = np.triu_indices(len(emb), 1)
-        pos, neg = d[iu][same[iu]], d[iu][~same[iu]]
+        pos, neg = calibration_pairs(emb, self.val_set.labels)
         if len(pos) < 2 or len(neg) < 2:
             return None
-        cal = fit_calibration(pos, neg, target_fpr=0.01)
-        return cal.to_dict() if hasattr(cal, "to_dict") else cal
+        return fit_calibration(pos, neg, target_fpr=0.01).to_dict()
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -506,7 +448,6 @@ class Trainer:
             bar.set_postfix(loss=f"{row['loss']:.3f}", used=row["used_triplets"])
             is_last = self.step == cfg.steps
             if (cfg.val_every and self.step % cfg.val_every == 0) or is_last:
-                ddp.average_buffers(self.network, self.ctx)
                 stop = False
                 if self.ctx.is_main:
                     v = self.validate()
@@ -548,7 +489,6 @@ class Trainer:
                     interrupted = True
                     break
         bar.close()
-        ddp.average_buffers(self.network, self.ctx)
         if self.step < cfg.steps and not stopped_early:
             interrupted = True
         self.seconds_before += time.time() - t0

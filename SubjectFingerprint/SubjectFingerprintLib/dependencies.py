@@ -40,6 +40,7 @@ class Package:
 # datasets: the dedup report draws with matplotlib).
 ENGINE_PACKAGES: Tuple[Package, ...] = (
     Package("monai", "monai", "1.3"),
+    Package("scipy", "scipy", "1.9"),
     Package("h5py", "h5py", "3.8"),
     Package("pydicom", "pydicom", "2.4"),
     Package("PIL", "pillow", "9.0"),
@@ -55,7 +56,7 @@ ENGINE_PACKAGES: Tuple[Package, ...] = (
 TRAINING_PACKAGES: Tuple[Package, ...] = ENGINE_PACKAGES + (
     Package("sklearn", "scikit-learn", "1.2"),
     Package("skimage", "scikit-image", "0.21"),
-    Package("scipy", "scipy", "1.9"),
+    Package("pytorch_metric_learning", "pytorch-metric-learning", "2.0"),
 )
 # Shipped with Slicer: checked, never installed or replaced here.
 SLICER_PACKAGES: Tuple[Package, ...] = (Package("SimpleITK", "SimpleITK", "2.2"), Package("numpy", "numpy", "1.23"))

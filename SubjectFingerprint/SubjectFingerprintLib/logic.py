@@ -24,8 +24,6 @@ except ImportError:  # Slicer before 5.4
     def _(text):
         return text
 
-STARTER_MODEL_NAME = "starter-2d-cxr.pt"
-MODEL_ENV = "SUBJECT_FINGERPRINT_MODEL"  # the engine honours it too (checkpoint.default_model_path)
 RESULTS_TABLE_NAME = "SubjectFingerprint matches"
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,14 +71,8 @@ class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
         ensureDependencies(training=training, interactive=interactive)
 
     def defaultModelPath(self) -> str:
-        """``$SUBJECT_FINGERPRINT_MODEL`` when set (as in the engine), else the bundled starter model."""
-        if os.environ.get(MODEL_ENV):
-            from subject_fingerprint.checkpoint import default_model_path
-
-            return str(default_model_path())  # checks the file and names the variable if it is missing
-        shipped = os.path.join(self.moduleDir(), "Resources", "Models", STARTER_MODEL_NAME)
-        if os.path.isfile(shipped):
-            return shipped
+        """The engine's default model: ``$SUBJECT_FINGERPRINT_MODEL`` when set, else the bundled
+        starter model (the module's Resources in a Slicer build, or the repository's)."""
         from subject_fingerprint.checkpoint import default_model_path
 
         return str(default_model_path())  # raises CheckpointError with a clear message if absent

@@ -48,9 +48,10 @@ def packagePaths() -> List[str]:
     return [str(p) for p in dict.fromkeys(paths)]
 
 
-def engineCommand(*args) -> List[str]:
-    """``[python, "-m", "subject_fingerprint", *args]`` with every argument as a string."""
-    return [pythonExecutable(), "-m", "subject_fingerprint"] + [str(a) for a in args]
+def engineCommand(*args, module: str = "subject_fingerprint") -> List[str]:
+    """``[python, "-m", module, *args]`` with every argument as a string (``module``:
+    ``subject_fingerprint`` for the engine's commands, ``fingerprint_training`` for training)."""
+    return [pythonExecutable(), "-m", module] + [str(a) for a in args]
 
 
 class BackgroundProcess:
@@ -315,6 +316,7 @@ class EngineRunnerMixin:
 
     process: Optional[BackgroundProcess] = None
     logCallback: Optional[Callable[[str], None]] = None
+    commandModule = "subject_fingerprint"  # the package whose command line runs
 
     def log(self, message: str) -> None:
         import logging
@@ -335,7 +337,7 @@ class EngineRunnerMixin:
         """Start the engine's command line; ``attributes`` (kind, paths) are kept on the process."""
         if self.process is not None and self.process.running:
             raise RuntimeError("Another run is still going; wait for it or cancel it.")
-        command = engineCommand(*arguments)
+        command = engineCommand(*arguments, module=self.commandModule)
         self.log(" ".join(command))
         self.process = BackgroundProcess(command, onLog=onLog or self.log, onProgress=onProgress)
         for name, value in attributes.items():

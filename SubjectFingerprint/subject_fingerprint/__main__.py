@@ -1,4 +1,6 @@
-"""``python -m subject_fingerprint``: the same command line as ``subject-fingerprint``."""
+"""``python -m subject_fingerprint``: the engine's commands (index, query, library, dedup).
+The full command line, training included, is ``subject-fingerprint`` or
+``python -m fingerprint_training``."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """Turning a fingerprint distance into a same-subject probability.
 
 The evaluation helper fits a ``Calibration`` on held-out pairs
-(``fingerprint_training.calibrate.fit_calibration``); it travels inside the checkpoint's
+(``fingerprint_training.calibration_fit.fit_calibration``); it travels inside the checkpoint's
 metadata so that every query made with the model can report probabilities and thresholds.
 """
 
@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import expit
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,7 @@ class Calibration:
         Numerically stable for any distance (no overflow warnings); a scalar in gives a
         float out, an array in gives a float64 array of the same shape.
         """
-        d = np.asarray(distances, dtype=np.float64)
-        # Beyond |z| = 500 the answer is 0 or 1 to double precision; clipping avoids
-        # overflow/underflow warnings.
-        z = np.clip(self.coef * d + self.intercept, -500.0, 500.0)
-        # exp of a negative number only: split by sign.
-        ez = np.exp(-np.abs(z))
-        p = np.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez))
+        p = expit(self.coef * np.asarray(distances, dtype=np.float64) + self.intercept)
         if np.ndim(distances) == 0:
             return float(p)
         return p

@@ -1,4 +1,4 @@
-"""Fingerprint models and their checkpoint files.
+"""Checkpoint files of fingerprint models (:class:`~subject_fingerprint.model.FingerprintModel`).
 
 A checkpoint is one ``torch.save`` file holding only plain data (strings, numbers, tensors)::
 
@@ -13,7 +13,6 @@ weights hash catches a file altered after saving. The metadata JSON has the keys
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -22,37 +21,16 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .errors import CheckpointError, ModelMismatchError
+from .errors import CheckpointError
+# FingerprintModel lives in .model; imported here for save/load and for older imports.
+from .model import FingerprintModel, build_network, calibration_id, check_image_fits  # noqa: F401
+from .model import json_default as _json_default
 from .preprocess import Preprocessing
-from .records import modality_family
 
 FORMAT = "subject-fingerprint-checkpoint"
 FORMAT_VERSION = 1
 ENV_MODEL = "SUBJECT_FINGERPRINT_MODEL"
 STARTER_MODEL_NAME = "starter-2d-cxr.pt"
-
-
-def check_image_fits(loaded, spatial_dims: int, modalities=()) -> None:
-    """Raise ``ModelMismatchError`` when ``loaded`` is not something the model can embed.
-
-    Shared by ``FingerprintModel.check_image`` and the embedding workers (which get these
-    plain values rather than the network). An unknown modality ("" or "other") passes:
-    the model cannot tell, and refusing would block non-DICOM files without a manifest.
-    """
-    source = getattr(getattr(loaded, "record", None), "source", "") or "the image"
-    ndim = loaded.array.ndim
-    if ndim == 3 and loaded.array.shape[0] == 1:
-        ndim = 2  # a single-slice volume is a 2D image
-    if ndim != spatial_dims:
-        want = {2: "2D images", 3: "3D volumes"}.get(spatial_dims, f"{spatial_dims}D images")
-        have = {2: "a 2D image", 3: "a 3D volume"}.get(ndim, f"a {ndim}-dimensional array")
-        raise ModelMismatchError(f"this model embeds {want}; {source} is {have}")
-    families = [f for f in (modalities or ()) if f]
-    if families:
-        family = modality_family(getattr(loaded.record, "modality", "") or "")
-        if family != "other" and family not in families:
-            raise ModelMismatchError(
-                f"this model was trained on {' or '.join(families)} images; {source} is {family}")
 
 
 def _tensor_bytes(tensor) -> bytes:
@@ -73,171 +51,9 @@ def _weights_hash(state_dict) -> str:
     return digest.hexdigest()
 
 
-def _json_default(value):
-    """Make the usual non-JSON values in metadata storable (numpy numbers, paths, objects
-    with ``to_dict`` such as ``Calibration``)."""
-    import numpy as np
-
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (Path, os.PathLike)):
-        return str(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"metadata value of type {type(value).__name__} cannot be stored as JSON")
-
-
 def metadata_json(metadata: dict) -> str:
     """The metadata as the JSON text a checkpoint stores (sorted keys)."""
     return json.dumps(metadata, sort_keys=True, default=_json_default)
-
-
-def _infer_architecture(network, preprocessing) -> dict:
-    """Architecture block for a network built by ``build_network`` but given without one."""
-    from .model import RESNET_LAYOUTS
-
-    layers = [len(getattr(network, f"layer{i}")) for i in range(1, 5)]
-    block = "bottleneck" if type(network.layer1[0]).__name__ == "ResNetBottleneck" else "basic"
-    depth = next((d for d, (b, lay) in RESNET_LAYOUTS.items() if b == block and lay == layers), None)
-    return {"name": "resnet", "depth": depth, "spatial_dims": preprocessing.spatial_dims,
-            "embedding_dim": int(network.fc.out_features)}
-
-
-class FingerprintModel:
-    """A network together with its preprocessing and metadata.
-
-    ``metadata`` is a JSON-able dict (see the module docstring); ``preprocessing`` is
-    authoritative and is written into ``metadata["preprocessing"]`` on saving.
-    """
-
-    def __init__(self, network, preprocessing: Preprocessing, metadata: dict | None = None):
-        self.network = network
-        self.preprocessing = preprocessing
-        self.metadata = dict(metadata or {})
-        for key, default in (("modalities", []), ("training", {}), ("calibration", None), ("metrics", {})):
-            self.metadata.setdefault(key, copy.deepcopy(default))
-        self.metadata["preprocessing"] = preprocessing.to_dict()
-        if not self.metadata.get("architecture"):
-            self.metadata["architecture"] = _infer_architecture(network, preprocessing)
-        self._id_cache = (None, None)
-
-    @classmethod
-    def create(cls, spatial_dims: int, depth: int = 50, embedding_dim: int = 128,
-               preprocessing: Preprocessing | None = None, modalities=()) -> "FingerprintModel":
-        """A new, untrained model (random weights) of the given shape."""
-        from .model import build_network
-
-        if preprocessing is None:
-            preprocessing = Preprocessing.default(spatial_dims)
-        if preprocessing.spatial_dims != spatial_dims:
-            raise ValueError("preprocessing.spatial_dims does not match spatial_dims")
-        network = build_network(spatial_dims, depth, embedding_dim)
-        families = []
-        for m in modalities:
-            family = modality_family(m) if modality_family(m) != "other" else str(m).strip().lower()
-            if family and family not in families:
-                families.append(family)
-        metadata = {
-            "architecture": {"name": "resnet", "depth": int(depth), "spatial_dims": int(spatial_dims),
-                             "embedding_dim": int(embedding_dim)},
-            "modalities": families,
-        }
-        return cls(network, preprocessing, metadata)
-
-    # -- properties ------------------------------------------------------------------
-    @property
-    def architecture(self) -> dict:
-        return self.metadata.get("architecture", {})
-
-    @property
-    def spatial_dims(self) -> int:
-        return int(self.architecture.get("spatial_dims", self.preprocessing.spatial_dims))
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.architecture["embedding_dim"])
-
-    @property
-    def depth(self) -> int:
-        return int(self.architecture["depth"])
-
-    @property
-    def modalities(self) -> list:
-        return list(self.metadata.get("modalities") or [])
-
-    @property
-    def calibration(self):
-        from .calibration import Calibration
-
-        data = self.metadata.get("calibration")
-        if isinstance(data, Calibration) or data is None:
-            return data
-        return Calibration.from_dict(data) if data else None
-
-    @calibration.setter
-    def calibration(self, value) -> None:
-        self.metadata["calibration"] = value.to_dict() if value is not None else None
-
-    @property
-    def model_id(self) -> str:
-        """First 16 hex digits of a SHA-256 over the weights (float32, sorted names) and the
-        preprocessing: everything that decides the embeddings, so a library is only ever
-        searched with embeddings made the same way.
-
-        The calibration turns distances into probabilities without changing embeddings; it
-        has its own :attr:`calibration_id`, which libraries record (``model_metadata``) and
-        ``query`` compares. A checkpoint saved with ``half=True`` loads with fp16-rounded
-        weights and so has its own ID, which stays the same on every later load and re-save.
-        Cached until any tensor or the preprocessing changes.
-        """
-        import torch
-
-        state = self.network.state_dict()
-        prep = json.dumps(self.preprocessing.to_dict(), sort_keys=True, default=_json_default)
-        key = (prep,) + tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
-        if self._id_cache[0] != key:
-            digest = hashlib.sha256()
-            for name in sorted(state):
-                tensor = state[name].detach().to("cpu", dtype=torch.float32)
-                digest.update(name.encode() + b"\n")
-                digest.update(tensor.contiguous().numpy().tobytes())
-            digest.update(b"preprocessing\n" + prep.encode("utf-8"))
-            self._id_cache = (key, digest.hexdigest()[:16])
-        return self._id_cache[1]
-
-    @property
-    def calibration_id(self) -> str:
-        """16 hex digits identifying the calibration ("" without one)."""
-        return calibration_id(self.metadata.get("calibration"))
-
-    # -- checks ----------------------------------------------------------------------
-    def check_image(self, loaded) -> None:
-        """Raise ``ModelMismatchError`` for a wrong dimensionality or modality family."""
-        check_image_fits(loaded, self.spatial_dims, self.modalities)
-
-    def to(self, device) -> "FingerprintModel":
-        self.network.to(device)
-        return self
-
-    def __repr__(self) -> str:
-        a = self.architecture
-        return (f"FingerprintModel(resnet{a.get('depth')}, {a.get('spatial_dims')}D, "
-                f"dim={a.get('embedding_dim')}, id={self.model_id})")
-
-
-def calibration_id(calibration) -> str:
-    """16 hex digits of a SHA-256 over a calibration's JSON ("" for none)."""
-    if calibration is None:
-        return ""
-    data = calibration.to_dict() if hasattr(calibration, "to_dict") else calibration
-    if not data:
-        return ""
-    text = json.dumps(data, sort_keys=True, default=_json_default)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -304,8 +120,6 @@ def save_checkpoint(model: FingerprintModel, path, half: bool = False) -> Path:
 def load_checkpoint(path, device="cpu") -> FingerprintModel:
     """Read a checkpoint written by ``save_checkpoint``; ``CheckpointError`` on any problem."""
     import torch
-
-    from .model import build_network
 
     path = Path(path)
     if not path.is_file():

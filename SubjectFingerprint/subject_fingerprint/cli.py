@@ -1,29 +1,24 @@
 """The ``subject-fingerprint`` command line.
 
-Subcommands of this package: ``index``, ``query`` and ``library``. The training package adds
-``split``, ``train`` and ``evaluate`` and the dedup package ``dedup``, each through its own
-``register(subparsers)``. Exit codes: 0 success, 1 something was found or some items failed,
-2 an error stopped the command.
+Subcommands of the engine: ``index``, ``query``, ``library`` and ``dedup``. The training package
+depends on the engine, never the other way round: its command line
+(``fingerprint_training.cli.main``, which the installed ``subject-fingerprint`` runs) is this one
+plus ``split``, ``train`` and ``evaluate``, passed in as ``extra_commands``. Exit codes: 0
+success, 1 something was found or some items failed, 2 an error stopped the command.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .csvsafe import SafeDictWriter, printable
-from .errors import FingerprintError
-
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
-
-# Other packages that add subcommands; absent ones are simply not offered.
-_PLUGINS = ("fingerprint_training.cli", "subject_fingerprint.dedup.cli")
+from .errors import EXIT_ERROR, EXIT_FOUND, EXIT_OK, FingerprintError
 
 
 def _common_model_args(parser: argparse.ArgumentParser) -> None:
@@ -122,11 +117,21 @@ def _add_query(sub) -> None:
 
 
 def _run_query(args) -> int:
+    import os
+
+    from .errors import Failure
     from .lookup import query
 
-    failures: list = []
+    # Cheap checks first: loading the model takes seconds.
+    if not os.path.isfile(args.library):
+        raise FingerprintError(f"{args.library}: no such library file")
+    present = [p for p in args.images if os.path.exists(p)]
+    failures: list = [Failure(p, "no such file or folder") for p in args.images if p not in present]
+    if not present:
+        _report_failures(failures)
+        raise FingerprintError("none of the images to query exists")
     notices: list = []
-    results = query(args.images, args.library, model=args.model, k=args.k,
+    results = query(present, args.library, model=args.model, k=args.k,
                     device=args.device, failures=failures, notices=notices)
     for notice in notices:
         print(f"note: {printable(notice)}", file=sys.stderr)
@@ -142,12 +147,15 @@ def _run_query(args) -> int:
                 writer.writerow({"query": answer["query"], **subject})
     else:
         for answer in answers:
-            print(f"\n{answer['query']}")
-            subjects = answer["subjects"]
-            columns = ["rank", "subject_id", "dataset", "distance"]
-            if subjects and subjects[0].get("probability") is not None:
-                columns.append("probability")
-            print_table(subjects, columns + ["image_id"])
+            print(f"\nquery: {answer['query']}")
+            for part, title in (("subjects", "closest subjects (distance of their closest image)"),
+                                ("images", "closest images")):
+                rows = answer[part]
+                columns = ["rank", "subject_id", "dataset", "distance"]
+                if rows and rows[0].get("probability") is not None:
+                    columns.append("probability")
+                print(f"{title}:")
+                print_table(rows, columns + ["image_id"])
     _report_failures(failures)
     return EXIT_FOUND if failures else EXIT_OK
 
@@ -186,7 +194,11 @@ def _run_library_info(args) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         for key, value in info.items():
-            print(f"{key}: {value}")
+            if key == "datasets":
+                value = ", ".join(f"{name or '(unnamed)'} ({n} entries)" for name, n in value.items()) or "none"
+            elif key == "file_size_bytes":
+                key, value = "file_size", f"{value / 2**20:.1f} MiB"
+            print(f"{key.replace('_', ' ')}: {value}")
     return EXIT_OK
 
 
@@ -226,7 +238,11 @@ def _run_library_remove(args) -> int:
 
 # -- entry point -------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Sequence[Callable] = ()) -> argparse.ArgumentParser:
+    """The parser of the engine's commands; each of ``extra_commands`` is a
+    ``register(subparsers)`` of a package built on the engine."""
+    from .dedup.cli import register as register_dedup
+
     parser = argparse.ArgumentParser(
         prog="subject-fingerprint",
         description="Recognise the same subject across medical images.")
@@ -236,14 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(sub)
     _add_query(sub)
     _add_library(sub)
-    for name in _PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # the package that adds these commands is not installed
-            raise
-        module.register(sub)
+    register_dedup(sub)
+    for register in extra_commands:
+        register(sub)
     return parser
 
 
@@ -267,12 +278,12 @@ def _prepare_streams() -> None:
             pass
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, extra_commands: Sequence[Callable] = ()) -> int:
     from .caches import redirect_caches
 
     redirect_caches()
     _prepare_streams()
-    parser = build_parser()
+    parser = build_parser(extra_commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

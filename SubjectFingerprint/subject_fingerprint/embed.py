@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import check_image_fits
+from .model import check_image_fits
 from .errors import Failure, FingerprintError
 from .records import LoadedImage
 

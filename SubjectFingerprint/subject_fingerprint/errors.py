@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Exit codes of every command: done; something was found or some items failed; an error
+# stopped the command.
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
 
 class FingerprintError(Exception):
     """Base class of every error the engine raises on purpose."""

@@ -110,7 +110,8 @@ def _fixed_str(width: int):
 
 
 def _to_str(values) -> np.ndarray:
-    """Decode what h5py returns for a string column into an object array of ``str``."""
+    """Decode the UTF-8 bytes of a low-level point-selection read (see ``_read_rows``; whole
+    columns are decoded by h5py's ``asstr``) into an object array of ``str``."""
     out = np.empty(len(values), dtype=object)
     out[:] = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
     return out
@@ -708,6 +709,8 @@ class EmbeddingLibrary:
             raise KeyError(f"unknown column {name!r}; columns are {', '.join(COLUMNS)}")
         dset = self._h5[name]
         try:
+            if rows is None and name != "added":
+                return dset.asstr()[()].astype(object) if len(dset) else np.empty(0, dtype=object)
             values = self._read_column(dset, rows)
         except OSError as exc:
             raise LibraryError(f"{self.path}: cannot read column {name} ({exc})") from exc

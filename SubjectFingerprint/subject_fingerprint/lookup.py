@@ -1,7 +1,7 @@
 """High-level calls behind the command line and the Slicer module: index images into a
 library, and find the closest subjects for new images.
 
-Both accept a checkpoint path, a loaded :class:`~subject_fingerprint.checkpoint.FingerprintModel`
+Both accept a checkpoint path, a loaded :class:`~subject_fingerprint.model.FingerprintModel`
 or ``None`` (the bundled starter model).
 """
 
@@ -54,7 +54,8 @@ class Cancelled(FingerprintError):
 
 def resolve_model(model=None, device="cpu"):
     """Return a FingerprintModel from a model object, a checkpoint path or None (starter)."""
-    from .checkpoint import FingerprintModel, default_model_path, load_checkpoint
+    from .checkpoint import default_model_path, load_checkpoint
+    from .model import FingerprintModel
 
     if isinstance(model, FingerprintModel):
         return model
@@ -93,12 +94,13 @@ def index(
     progress: Union[bool, ProgressFn] = True,
     cancel: Optional[Callable[[], bool]] = None,
     transactional: bool = False,
-    commit_every: float = 30.0,
+    commit_overhead: float = 0.1,
 ) -> IndexReport:
     """Embed every image found under ``sources`` and add it to the library file ``library``.
 
     Files that cannot be read are collected in ``report.failures`` and do not stop the run.
-    By default what is embedded is published every ``commit_every`` seconds, so a long run
+    By default what is embedded is published as it goes (``EmbeddingLibrary.maybe_commit``:
+    commits spaced so that copying costs at most ``commit_overhead`` of the time), so a long run
     that dies keeps most of what it finished. With ``transactional=True`` nothing is published
     until every image is embedded: a cancelled or killed run leaves the library as it was.
     """
@@ -114,10 +116,8 @@ def index(
     update, close = _progress_reporter(progress, len(found.records), "embedding")
     embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers)
 
-    # The library is copy-on-write: each commit publishes a new file atomically. Committing
-    # every ``commit_every`` seconds bounds both the work lost to a crash and the copying.
+    # The library is copy-on-write: each commit publishes a new file atomically.
     with EmbeddingLibrary.open(library, mode="a", model=fmodel) as lib:
-        last_commit = time.monotonic()
         try:
             for batch in embedder.iter_batches(found.records):
                 if cancel is not None and cancel():
@@ -128,9 +128,8 @@ def index(
                                      skip_duplicates=skip_duplicates)
                     report.added += result.added
                     report.duplicates += len(result.duplicates)
-                if not transactional and time.monotonic() - last_commit > commit_every:
-                    lib.commit()
-                    last_commit = time.monotonic()
+                if not transactional:
+                    lib.maybe_commit(commit_overhead)
                 update(len(batch.records) + len(batch.failures), f"{report.added} added")
         except Cancelled:
             report.cancelled = True

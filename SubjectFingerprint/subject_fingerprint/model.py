@@ -1,39 +1,219 @@
-"""The fingerprint network: a MONAI ResNet whose classification head is the embedding."""
+"""The fingerprint network (a MONAI ResNet whose classification head is the embedding) and
+:class:`FingerprintModel`, the network together with its preprocessing and metadata."""
 
 from __future__ import annotations
 
-# depth -> (block type, blocks per stage), as in He et al. 2016.
-RESNET_LAYOUTS = {
-    10: ("basic", [1, 1, 1, 1]),
-    18: ("basic", [2, 2, 2, 2]),
-    34: ("basic", [3, 4, 6, 3]),
-    50: ("bottleneck", [3, 4, 6, 3]),
-    101: ("bottleneck", [3, 4, 23, 3]),
-}
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import ModelMismatchError
+from .preprocess import Preprocessing
+from .records import modality_family
+
+RESNET_DEPTHS = (10, 18, 34, 50, 101)
 
 
 def build_network(spatial_dims: int = 2, depth: int = 50, embedding_dim: int = 128):
     """Return an untrained ResNet mapping ``(B, 1, *size)`` to ``(B, embedding_dim)``.
 
-    Standard ResNet stem (7-wide first convolution with stride 2, then max pooling), one
-    input channel, and the final fully connected layer sized to the embedding.
+    MONAI's ``resnet{depth}``: standard stem (7-wide first convolution with stride 2, then max
+    pooling), one input channel, the final fully connected layer sized to the embedding.
     """
-    from monai.networks.nets import ResNet
+    from monai.networks import nets
 
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, not {spatial_dims!r}")
-    if depth not in RESNET_LAYOUTS:
-        raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYOUTS)}, not {depth!r}")
+    if depth not in RESNET_DEPTHS:
+        raise ValueError(f"ResNet depth must be one of {list(RESNET_DEPTHS)}, not {depth!r}")
     if int(embedding_dim) < 1:
         raise ValueError(f"embedding_dim must be positive, not {embedding_dim!r}")
-    block, layers = RESNET_LAYOUTS[depth]
-    return ResNet(
-        block=block,
-        layers=layers,
-        block_inplanes=[64, 128, 256, 512],
-        spatial_dims=spatial_dims,
-        n_input_channels=1,
-        conv1_t_size=7,
-        conv1_t_stride=2,
-        num_classes=int(embedding_dim),
-    )
+    return getattr(nets, f"resnet{depth}")(spatial_dims=spatial_dims, n_input_channels=1,
+                                           conv1_t_size=7, conv1_t_stride=2,
+                                           num_classes=int(embedding_dim))
+
+
+def check_image_fits(loaded, spatial_dims: int, modalities=()) -> None:
+    """Raise ``ModelMismatchError`` when ``loaded`` is not something the model can embed.
+
+    Shared by ``FingerprintModel.check_image`` and the embedding workers (which get these
+    plain values rather than the network). An unknown modality ("" or "other") passes:
+    the model cannot tell, and refusing would block non-DICOM files without a manifest.
+    """
+    source = getattr(getattr(loaded, "record", None), "source", "") or "the image"
+    ndim = loaded.array.ndim
+    if ndim == 3 and loaded.array.shape[0] == 1:
+        ndim = 2  # a single-slice volume is a 2D image
+    if ndim != spatial_dims:
+        want = {2: "2D images", 3: "3D volumes"}.get(spatial_dims, f"{spatial_dims}D images")
+        have = {2: "a 2D image", 3: "a 3D volume"}.get(ndim, f"a {ndim}-dimensional array")
+        raise ModelMismatchError(f"this model embeds {want}; {source} is {have}")
+    families = [f for f in (modalities or ()) if f]
+    if families:
+        family = modality_family(getattr(loaded.record, "modality", "") or "")
+        if family != "other" and family not in families:
+            raise ModelMismatchError(
+                f"this model was trained on {' or '.join(families)} images; {source} is {family}")
+
+
+def _infer_architecture(network, preprocessing) -> dict:
+    """Architecture block for a network built by ``build_network`` but given without one."""
+    from monai.networks.nets.resnet import ResNetBottleneck
+
+    blocks = sum(len(getattr(network, f"layer{i}")) for i in range(1, 5))
+    # Two convolutions per basic block, three per bottleneck, plus the stem and the head.
+    depth = (3 if isinstance(network.layer1[0], ResNetBottleneck) else 2) * blocks + 2
+    depth = depth if depth in RESNET_DEPTHS else None
+    return {"name": "resnet", "depth": depth, "spatial_dims": preprocessing.spatial_dims,
+            "embedding_dim": int(network.fc.out_features)}
+
+
+class FingerprintModel:
+    """A network together with its preprocessing and metadata.
+
+    ``metadata`` is a JSON-able dict (see the module docstring); ``preprocessing`` is
+    authoritative and is written into ``metadata["preprocessing"]`` on saving.
+    """
+
+    def __init__(self, network, preprocessing: Preprocessing, metadata: dict | None = None):
+        self.network = network
+        self.preprocessing = preprocessing
+        self.metadata = dict(metadata or {})
+        for key, default in (("modalities", []), ("training", {}), ("calibration", None), ("metrics", {})):
+            self.metadata.setdefault(key, copy.deepcopy(default))
+        self.metadata["preprocessing"] = preprocessing.to_dict()
+        if not self.metadata.get("architecture"):
+            self.metadata["architecture"] = _infer_architecture(network, preprocessing)
+        self._id_cache = (None, None)
+
+    @classmethod
+    def create(cls, spatial_dims: int, depth: int = 50, embedding_dim: int = 128,
+               preprocessing: Preprocessing | None = None, modalities=()) -> "FingerprintModel":
+        """A new, untrained model (random weights) of the given shape."""
+        if preprocessing is None:
+            preprocessing = Preprocessing.default(spatial_dims)
+        if preprocessing.spatial_dims != spatial_dims:
+            raise ValueError("preprocessing.spatial_dims does not match spatial_dims")
+        network = build_network(spatial_dims, depth, embedding_dim)
+        families = []
+        for m in modalities:
+            family = modality_family(m) if modality_family(m) != "other" else str(m).strip().lower()
+            if family and family not in families:
+                families.append(family)
+        metadata = {
+            "architecture": {"name": "resnet", "depth": int(depth), "spatial_dims": int(spatial_dims),
+                             "embedding_dim": int(embedding_dim)},
+            "modalities": families,
+        }
+        return cls(network, preprocessing, metadata)
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def architecture(self) -> dict:
+        return self.metadata.get("architecture", {})
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.architecture.get("spatial_dims", self.preprocessing.spatial_dims))
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.architecture["embedding_dim"])
+
+    @property
+    def depth(self) -> int:
+        return int(self.architecture["depth"])
+
+    @property
+    def modalities(self) -> list:
+        return list(self.metadata.get("modalities") or [])
+
+    @property
+    def calibration(self):
+        from .calibration import Calibration
+
+        data = self.metadata.get("calibration")
+        if isinstance(data, Calibration) or data is None:
+            return data
+        return Calibration.from_dict(data) if data else None
+
+    @calibration.setter
+    def calibration(self, value) -> None:
+        self.metadata["calibration"] = value.to_dict() if value is not None else None
+
+    @property
+    def model_id(self) -> str:
+        """First 16 hex digits of a SHA-256 over the weights (float32, sorted names) and the
+        preprocessing: everything that decides the embeddings, so a library is only ever
+        searched with embeddings made the same way.
+
+        The calibration turns distances into probabilities without changing embeddings; it
+        has its own :attr:`calibration_id`, which libraries record (``model_metadata``) and
+        ``query`` compares. A checkpoint saved with ``half=True`` loads with fp16-rounded
+        weights and so has its own ID, which stays the same on every later load and re-save.
+        Cached until any tensor or the preprocessing changes.
+        """
+        import torch
+
+        state = self.network.state_dict()
+        prep = json.dumps(self.preprocessing.to_dict(), sort_keys=True, default=json_default)
+        key = (prep,) + tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
+        if self._id_cache[0] != key:
+            digest = hashlib.sha256()
+            for name in sorted(state):
+                tensor = state[name].detach().to("cpu", dtype=torch.float32)
+                digest.update(name.encode() + b"\n")
+                digest.update(tensor.contiguous().numpy().tobytes())
+            digest.update(b"preprocessing\n" + prep.encode("utf-8"))
+            self._id_cache = (key, digest.hexdigest()[:16])
+        return self._id_cache[1]
+
+    @property
+    def calibration_id(self) -> str:
+        """16 hex digits identifying the calibration ("" without one)."""
+        return calibration_id(self.metadata.get("calibration"))
+
+    # -- checks ----------------------------------------------------------------------
+    def check_image(self, loaded) -> None:
+        """Raise ``ModelMismatchError`` for a wrong dimensionality or modality family."""
+        check_image_fits(loaded, self.spatial_dims, self.modalities)
+
+    def to(self, device) -> "FingerprintModel":
+        self.network.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        a = self.architecture
+        return (f"FingerprintModel(resnet{a.get('depth')}, {a.get('spatial_dims')}D, "
+                f"dim={a.get('embedding_dim')}, id={self.model_id})")
+
+
+def json_default(value):
+    """Make the usual non-JSON values in metadata storable (numpy numbers, paths, objects
+    with ``to_dict`` such as ``Calibration``)."""
+    import numpy as np
+
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, os.PathLike)):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} cannot be stored as JSON")
+
+
+def calibration_id(calibration) -> str:
+    """16 hex digits of a SHA-256 over a calibration's JSON ("" for none)."""
+    if calibration is None:
+        return ""
+    data = calibration.to_dict() if hasattr(calibration, "to_dict") else calibration
+    if not data:
+        return ""
+    text = json.dumps(data, sort_keys=True, default=json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

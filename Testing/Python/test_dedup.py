@@ -102,7 +102,7 @@ def planted(tmp_path_factory, sample_data):
 @pytest.fixture(scope="module")
 def calibrated_model(tmp_path_factory, planted):
     """A tiny model calibrated on re-exports of *other* images than the planted ones."""
-    from fingerprint_training.calibrate import fit_calibration
+    from fingerprint_training.calibration_fit import fit_calibration
 
     _, _, images = planted
     model = FingerprintModel.create(2, depth=18, embedding_dim=32,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fingerprint_training import baselines as B
-from fingerprint_training import calibrate as C
+from fingerprint_training import calibration_fit as C
 from fingerprint_training import metrics as M
 
 

@@ -109,7 +109,7 @@ def test_evaluate_command_errors(tmp_path, capsys):
 
 
 def test_evaluate_is_wired_into_the_command_line():
-    from subject_fingerprint.cli import build_parser
+    from fingerprint_training.cli import build_parser
 
     args = build_parser().parse_args(["evaluate", "data", "--model", "m.pt", "--split", "s.json",
                                       "--out", "o", "--ways", "20", "--shots", "1", "5"])

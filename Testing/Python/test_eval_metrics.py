@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fingerprint_training import metrics as M
+from subject_fingerprint.distances import pairwise
 
 
 # -- N-way K-shot ----------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def test_same_episodes_for_distance_matrix_and_function():
     labels = np.repeat(np.arange(8), 3)
     e = rng.normal(size=(24, 3)) + labels[:, None] * 0.3
     ref = M.nway_kshot(e, labels, 6, 2, episodes=15, seed=4)
-    d = M.pairwise_distances(e, e)
+    d = pairwise(e, e)
     by_matrix = M.nway_kshot_from_distances(d, labels, 6, 2, episodes=15, seed=4)
     by_fn = M.nway_kshot_from_distances(lambda q, s: d[q, s], labels, 6, 2, episodes=15, seed=4)
     for r in (by_matrix, by_fn):
@@ -125,7 +126,7 @@ def test_retrieval_hand_values(block_size):
 
 
 def test_retrieval_block_fn_matches_embeddings():
-    d = M.pairwise_distances(RET_POINTS, RET_POINTS)
+    d = pairwise(RET_POINTS, RET_POINTS)
     r = M.retrieval_metrics(labels=RET_LABELS, block_fn=lambda q: d[q])
     assert r == M.retrieval_metrics(RET_POINTS, RET_LABELS)
 
@@ -194,22 +195,21 @@ def test_cluster_distances_by_hand():
 
 
 def test_cosine_distance():
-    d = M.pairwise_distances([[1, 0]], [[2, 0], [0, 3], [-1, 0]], "cosine")
+    d = pairwise([[1, 0]], [[2, 0], [0, 3], [-1, 0]], "cosine")
     assert d[0].tolist() == pytest.approx([0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="unknown distance"):
-        M.pairwise_distances([[1]], [[1]], "manhattan")
+        pairwise([[1]], [[1]], "manhattan")
 
 
-def test_weighted_auc_equals_sklearn_on_resamples():
+def test_bootstrap_weights_equal_explicit_resamples():
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(4)
     pos = np.round(rng.normal(1, 1, 40), 1)   # rounding makes ties
     neg = np.round(rng.normal(2, 1, 60), 1)
-    y, group, n_groups = M._auc_groups(pos, neg)
+    y = np.concatenate([np.ones(40), np.zeros(60)])
     s = -np.concatenate([pos, neg])
-    for _ in range(5):
-        idx = rng.integers(0, len(y), len(y))
-        w = np.bincount(idx, minlength=len(y)).astype(float)
-        assert M._weighted_auc(y, group, n_groups, w) == pytest.approx(roc_auc_score(y[idx], s[idx]))
-    assert M._weighted_auc(y, group, n_groups, np.ones(len(y))) == pytest.approx(M.roc_auc(pos, neg))
+    draws = np.random.default_rng(3)
+    aucs = [roc_auc_score(y[i], s[i]) for i in (draws.integers(0, 100, 100) for _ in range(50))]
+    lo, hi = M.bootstrap_auc(pos, neg, n_boot=50, seed=3)
+    assert lo == pytest.approx(np.quantile(aucs, 0.025)) and hi == pytest.approx(np.quantile(aucs, 0.975))

@@ -31,7 +31,7 @@ def _png_folder(root, n_subjects=8, per_subject=3, singles=2):
 def test_split_then_train_from_the_command_line(tmp_path):
     import torch
     from subject_fingerprint.checkpoint import load_checkpoint
-    from subject_fingerprint.cli import main
+    from fingerprint_training.cli import main
 
     torch.set_num_threads(1)
     data = _png_folder(tmp_path / "data")

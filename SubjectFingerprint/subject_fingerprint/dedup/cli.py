@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+from ..errors import EXIT_FOUND, EXIT_OK
 
 
 def register(subparsers) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ImageReadError
 from .limits import check_declared_size
 from .quiet import quiet_dependency_loggers
+from .pixels import rgb_to_grey
 
 # Modalities whose single-frame files are slices of a 3D series rather than images of their own.
 VOLUME_MODALITIES = frozenset({"MR", "CT", "PT"})
@@ -404,8 +405,7 @@ def _to_grey(arr: np.ndarray, ds, path) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1 or photometric == "PALETTE COLOR":
         if arr.shape[-1] < 3:
             raise ImageReadError(path, f"unexpected colour layout {arr.shape}")
-        arr = arr[..., :3].astype(np.float64)
-        arr = 0.299 * arr[..., 0] + 0.587 * arr[..., 1] + 0.114 * arr[..., 2]
+        arr = rgb_to_grey(arr.astype(np.float64))
     return arr
 
 

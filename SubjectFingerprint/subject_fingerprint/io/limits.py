@@ -61,8 +61,9 @@ def check_declared_size(path, shape: Sequence[int], bytes_per_voxel: float = 0,
 
 
 def check_content(array: np.ndarray, path) -> np.ndarray:
-    """The decoded image if it has usable content; non-finite values in an otherwise good
-    image become 0. Raises :class:`ImageReadError` for blank or meaningless images."""
+    """The decoded image, unchanged, if it has usable content. Raises :class:`ImageReadError`
+    for blank or meaningless images. The few non-finite values an accepted image may hold are
+    left for Preprocessing, the one place that replaces them."""
     if array.size == 0 or min(array.shape) == 0:
         raise ImageReadError(path, f"image has no pixels (shape {array.shape})")
     # The image plane needs MIN_SIDE pixels each way; a thin volume may have few slices.
@@ -79,8 +80,6 @@ def check_content(array: np.ndarray, path) -> np.ndarray:
     if low == high:
         raise ImageReadError(path, f"blank image: every {'finite ' if not all_finite else ''}"
                                    f"pixel has the value {low:g}; nothing to fingerprint")
-    if not all_finite:
-        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
     return array
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import ImageReadError
 from .limits import check_declared_size
+from .pixels import rgb_to_grey
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".pgm", ".ppm", ".webp")
 
@@ -68,8 +69,7 @@ def read_raster(path) -> Tuple[np.ndarray, Tuple[float, float]]:
         if mode in ("LA", "La"):
             array = array[..., 0]
         else:
-            rgb = array[..., :3].astype(np.float32)
-            array = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+            array = rgb_to_grey(array.astype(np.float32))
     if array.ndim != 2 or array.size == 0:
         raise ImageReadError(path, f"unexpected image layout {array.shape}")
     return np.ascontiguousarray(array, dtype=np.float32), (1.0, 1.0)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import ImageReadError
 from .limits import check_volume_header
+from .pixels import rgb_to_grey
 
 # Longest suffixes first so ".nii.gz" wins over ".gz".
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")
@@ -41,13 +42,10 @@ def read_volume_file(path):
         detail = detail.split("ERROR:", 1)[-1].replace(f' for "{path}"', "").replace(f'"{path}"', "")
         raise ImageReadError(
             path, f"cannot read volume file, unknown format or damaged ({detail.strip()[:300]})") from exc
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        if image.GetNumberOfComponentsPerPixel() in (3, 4):
-            channels = [sitk.VectorIndexSelectionCast(image, i, sitk.sitkFloat32) for i in range(3)]
-            image = channels[0] * 0.299 + channels[1] * 0.587 + channels[2] * 0.114
-        else:
-            raise ImageReadError(path, f"vector image with {image.GetNumberOfComponentsPerPixel()} "
-                                       "components per voxel; expected one grey value")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components not in (1, 3, 4):
+        raise ImageReadError(path, f"vector image with {components} components per voxel; "
+                                   "expected one grey value")
     if image.GetDimension() == 4:
         size = image.GetSize()
         if size[3] != 1:
@@ -71,7 +69,10 @@ def to_array(image, path="") -> Tuple[np.ndarray, Tuple[float, ...]]:
             image = sitk.DICOMOrient(image, ORIENTATION)
         except RuntimeError as exc:
             raise ImageReadError(path, f"cannot reorient volume to {ORIENTATION} ({exc})") from exc
-    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    array = sitk.GetArrayFromImage(image)  # colour: channels last
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = rgb_to_grey(array.astype(np.float32, copy=False))
+    array = array.astype(np.float32, copy=False)
     spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
     if array.ndim == 3:
         # A single slice may lie along any axis after reorientation: squeeze whichever.
@@ -80,5 +81,6 @@ def to_array(image, path="") -> Tuple[np.ndarray, Tuple[float, ...]]:
             axis = singles[0]
             array = np.squeeze(array, axis=axis)
             spacing = tuple(s for i, s in enumerate(spacing) if i != axis)
-    # Non-finite values are judged by load_image (limits.check_content), not hidden here.
+    # Non-finite values are judged by load_image (limits.check_content) and the few that an
+    # accepted image may hold are handled by Preprocessing, in one place; not hidden here.
     return np.ascontiguousarray(array, dtype=np.float32), spacing

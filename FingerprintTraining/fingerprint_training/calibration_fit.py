@@ -8,9 +8,11 @@ negative (different-subject) distances, which does not depend on the class balan
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 
 from .metrics import pair_distances, pair_indices
 
@@ -18,29 +20,45 @@ from .metrics import pair_distances, pair_indices
 DEFAULT_FPRS = tuple(float(f) for f in np.logspace(-4, np.log10(0.5), 17))
 
 
-def threshold_at_fpr(neg_distances, fpr: float) -> float:
-    """Largest distance threshold whose FPR on these negatives is at most ``fpr``
-    (decision: same subject when distance <= threshold).
+def thresholds_at_fprs(pos_distances, neg_distances, fprs) -> list:
+    """For each FPR in ``fprs``: the largest distance threshold whose FPR on these negatives is
+    at most that FPR (decision: same subject when distance <= threshold).
 
-    With m negatives sorted ascending, accepting the j smallest gives FPR j/m; we take
-    j = floor(fpr * m) and place the threshold halfway between the j-th and (j+1)-th
-    negative distance (below the smallest one when j = 0).
+    The operating points are scikit-learn's ``roc_curve`` (every distinct distance, none
+    dropped); the threshold sits halfway between the last accepted distance and the first
+    rejected one (just below the smallest distance when nothing is accepted), so pairs tied at
+    the boundary stay rejected.
     """
-    neg = np.sort(np.asarray(neg_distances, dtype=np.float64))
+    from sklearn.metrics import roc_curve
+
+    pos = np.asarray(pos_distances, dtype=np.float64).ravel()
+    neg = np.asarray(neg_distances, dtype=np.float64).ravel()
     if len(neg) == 0:
         raise ValueError("no negative distances to set a threshold")
-    fpr = float(fpr)
-    if not 0.0 <= fpr <= 1.0:
-        raise ValueError(f"fpr must be in [0, 1], got {fpr}")
-    j = int(np.floor(fpr * len(neg) + 1e-9))
-    if j >= len(neg):
-        return float(neg[-1])
-    upper = neg[j]
-    lower = neg[j - 1] if j > 0 else upper - max(abs(upper) * 1e-6, 1e-9)
-    if lower == upper:
-        # Ties at the boundary: step just below them so they stay rejected.
-        return float(np.nextafter(upper, -np.inf))
-    return float(0.5 * (lower + upper))
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    with warnings.catch_warnings():  # no positives: the TPR is undefined, the FPR is not
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr_at, _, score_at = roc_curve(y, -np.concatenate([pos, neg]), drop_intermediate=False)
+    dist_at = -score_at  # ascending distances; dist_at[0] = -inf accepts nothing
+    out = []
+    for fpr in fprs:
+        fpr = float(fpr)
+        if not 0.0 <= fpr <= 1.0:
+            raise ValueError(f"fpr must be in [0, 1], got {fpr}")
+        i = int(np.searchsorted(fpr_at, fpr + 1e-9, side="right")) - 1
+        if i + 1 >= len(dist_at):
+            out.append(float(dist_at[-1]))
+        elif i == 0:
+            upper = dist_at[1]
+            out.append(float(upper - max(abs(upper) * 1e-6, 1e-9)))
+        else:
+            out.append(float(0.5 * (dist_at[i] + dist_at[i + 1])))
+    return out
+
+
+def threshold_at_fpr(neg_distances, fpr: float, pos_distances=()) -> float:
+    """:func:`thresholds_at_fprs` for one FPR."""
+    return thresholds_at_fprs(pos_distances, neg_distances, [fpr])[0]
 
 
 def fit_calibration(pos_distances, neg_distances, target_fpr: float = 0.01,
@@ -74,9 +92,9 @@ def fit_calibration(pos_distances, neg_distances, target_fpr: float = 0.01,
         raise ValueError("same-subject pairs are not closer than different-subject pairs; "
                          "the model cannot be calibrated on these distances")
     table = sorted({float(f) for f in fprs} | {float(target_fpr)})
-    fpr_table = tuple((f, threshold_at_fpr(neg, f)) for f in table)
+    fpr_table = tuple(zip(table, thresholds_at_fprs(pos, neg, table)))
     return Calibration(coef=coef, intercept=intercept,
-                       threshold=threshold_at_fpr(neg, target_fpr),
+                       threshold=dict(fpr_table)[float(target_fpr)],
                        target_fpr=float(target_fpr), fpr_table=fpr_table)
 
 
