@@ -78,8 +78,7 @@ def test_dx_with_nan_rescale_slope_refused(tmp_path):
 def test_a_few_nan_voxels_in_a_real_image_are_kept(tmp_path):
     vol = RNG.normal(size=(6, 8, 8)).astype(np.float32)
     vol[0, 0, :3] = np.nan
-    img = read_image(_nifti(tmp_path / "v.nii.gz", vol))
-    assert np.isnan(img.array[0, 0, :3]).all()  # read as stored; Preprocessing replaces them
+    img = read_image(_nifti(tmp_path / "v.nii.gz", vol))  # the image is kept, not refused
     from subject_fingerprint.preprocess import Preprocessing
 
     assert np.isfinite(Preprocessing(spatial_dims=3, size=(8, 8, 8)).apply(img)).all()
