@@ -96,6 +96,9 @@ def _add_train(sub) -> None:
                         "wider affine, gamma, blur/sharpen, noise, JPEG, down-up sampling, erasing "
                         "(2D) or misalignment, bias field, thick slices (3D)")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this model's weights")
+    p.add_argument("--val-moved", action="store_true",
+                   help="3D: validate on volumes each moved by a seeded random rigid transform "
+                        "(15 degrees, 10 %% of the FOV), so selection rewards misalignment invariance")
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="first train this many steps with every image (singletons too) as its own "
                         "subject, positives = augmented copies")
@@ -131,6 +134,7 @@ def config_from_args(args):
         normalize=args.normalize, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         grad_clip=args.grad_clip, augment=not args.no_augment,
         augment_preset=getattr(args, "augment_preset", "paper"), init_from=getattr(args, "init_from", None),
+        val_moved=getattr(args, "val_moved", False),
         pretrain_steps=args.pretrain_steps,
         device=args.device, amp=not args.no_amp, val_every=args.val_every,
         val_episodes=args.val_episodes, val_n_way=args.val_n_way, val_k_shot=args.val_k_shot,
@@ -149,7 +153,7 @@ def run_train(args) -> int:
         splits = [args.split] if isinstance(args.split, str) else list(args.split or [])
         manifests = [args.manifest] if isinstance(args.manifest, str) else list(args.manifest or [])
         specs = parse_sources(sources, splits, manifests)
-        if len(specs) == 1 and "=" not in sources[0]:  # one plain source: the single-source path
+        if len(specs) == 1 and "=" not in sources[0] and not args.val_moved:  # one plain source: the single-source path
             args.source, args.split, args.manifest = specs[0].path, specs[0].split, specs[0].manifest
             result = run_training(config_from_args(args))
         else:

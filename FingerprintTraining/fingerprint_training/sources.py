@@ -128,6 +128,11 @@ class MultiSourceTrainer(Trainer):
 
     def __init__(self, config: TrainConfig, train_set: InMemoryDataset,
                  val_sets: Dict[str, InMemoryDataset], **kw):
+        if config.val_moved and config.dims == 3:
+            # Every validation volume moved (seeded): co-registration no longer gives identity away.
+            from .moved import move, rigid_transforms
+            for i, ds in enumerate(val_sets.values()):
+                ds.images = move(ds.images, rigid_transforms(len(ds), seed=config.seed + 1 + i))
         val_all = concat([val_sets[n] for n in val_sets], list(val_sets)) if val_sets else None
         super().__init__(config, train_set, val_all, **kw)
         self.val_sets = dict(val_sets)

@@ -65,6 +65,7 @@ class TrainConfig:
     augment: bool = True
     augment_preset: str = "paper"    # paper | domain (domain-2d / domain-3d by dims): augment_more.py
     init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning)
+    val_moved: bool = False          # 3D: validate on rigidly moved volumes (sources.py, moved.py)
     pretrain_steps: int = 0          # instance-discrimination steps (each image a "subject") first
     device: str = "auto"
     amp: bool = True                 # mixed precision; only ever used on CUDA

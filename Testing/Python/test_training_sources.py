@@ -106,3 +106,22 @@ def test_train_two_sources_from_the_command_line_and_resume_exactly(tmp_path, on
     assert part["step"] == full["step"] == 4
     for k, v in full["network"].items():
         assert torch.equal(v, part["network"][k]), k
+
+
+def test_val_moved_moves_the_3d_validation_volumes(one_torch_thread):
+    import torch
+
+    from fingerprint_training.data import synthetic_dataset
+    from fingerprint_training.sources import MultiSourceTrainer
+    from fingerprint_training.trainer import TrainConfig
+
+    train = concat([synthetic_dataset(4, 2, size=(8, 8, 8), seed=0)], ["A"])
+    val = synthetic_dataset(3, 2, size=(8, 8, 8), seed=1)
+    before = val.images.clone()
+    cfg = TrainConfig(dims=3, depth=10, embedding_dim=4, size=(8, 8, 8), steps=1, batch_subjects=2,
+                      images_per_subject=2, device="cpu", val_moved=True, write_outputs=False,
+                      progress=False, val_n_way=2, val_episodes=2)
+    t = MultiSourceTrainer(cfg, train, {"A": val})
+    assert not torch.allclose(t.val_sets["A"].images, before)
+    assert t.val_set.images.shape == before.shape
+    assert t.validate()["n_way"] == 2
