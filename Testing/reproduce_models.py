@@ -45,6 +45,8 @@ def _2d(sources, steps, extra=(), size=64):
 # name -> recipe. "init" recipes start from the previous starter model (trained on NIH only).
 RECIPES = {
     "joint64-ft": _2d(["NIH", "KER"], 450, ["--warmup", "20", "--lr", "3e-4", "--init-from", str(STARTER)]),
+    "joint64-ft-bh": _2d(["NIH", "KER"], 450, ["--warmup", "20", "--lr", "3e-4", "--init-from", str(STARTER),
+                                              "--miner", "batch-hard", "--normalize"]),
     "joint64": _2d(["NIH", "KER"], 600),
     "joint64-paper-aug": _2d(["NIH", "KER"], 600, ["--augment-preset", "paper"]),
     "nih64-ft": _2d(["NIH"], 300, ["--warmup", "20", "--lr", "3e-4", "--init-from", str(STARTER)]),
@@ -103,7 +105,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--evaluate", action="store_true", help="evaluate each model on the test splits")
     p.add_argument("--ship", action="store_true", help="write the shipped models into Resources/Models")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="only print BENCHMARKS.md rows of these runs")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     names = list(RECIPES) if args.recipes == ["all"] else args.recipes
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
@@ -127,6 +133,34 @@ def main(argv=None) -> int:
             ship(args.out / name / "best.pt", ROOT / "Resources" / "Models" / SHIPPED[name])
     print(json.dumps(timings, indent=1))
     return 0
+
+
+def table(run_dirs) -> str:
+    """Markdown rows (one per recipe run folder with eval/) for BENCHMARKS.md, values in %."""
+    sys.path[:0] = [str(ROOT / "SubjectFingerprint"), str(ROOT / "FingerprintTraining")]
+    from subject_fingerprint.checkpoint import load_checkpoint
+    lines = []
+    for d in map(Path, run_dirs):
+        model = load_checkpoint(d / "best.pt")
+        t = model.metadata.get("training", {})
+        val = (model.metadata.get("metrics") or {}).get("validation") or {}
+        head = (f"| {d.name} | {t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')} | "
+                f"{t.get('seconds', 0):.0f} s to best | {100 * val.get('mean_recall_at_k', float('nan')):.1f} |")
+        cross, moved = d / "eval" / "cross_domain.json", d / "eval" / "moved.json"
+        cells = []
+        if cross.is_file():
+            for row in json.loads(cross.read_text())["rows"]:
+                s, r = row["settings"][0], row["retrieval"]
+                cells.append(f"{row['source']}{'' if row['trained_on_source'] else ' (unseen)'}: "
+                             f"{100 * s['model']:.1f} vs {100 * s['pixel_correlation']:.1f}, "
+                             f"P@1 {100 * r['model']['precision_at_1']:.1f}")
+        if moved.is_file():
+            m = json.loads(moved.read_text())
+            for s in m["settings"]:
+                cells.append(f"moved {s['n_way']}-way {s['k_shot']}-shot: {100 * s['model']['mean_recall_at_k']:.1f} "
+                             f"vs {100 * s['pixel_correlation']['mean_recall_at_k']:.1f}")
+        lines.append(head + " " + "; ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def ship(best: Path, target: Path) -> None:

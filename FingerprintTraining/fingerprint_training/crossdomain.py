@@ -86,7 +86,8 @@ def run_cross_domain(sources: Dict[str, str], splits: Dict[str, str], models: Di
             base = pixel_cache[key]
             row = {"model": mname, "model_path": str(mpath), "model_id": model.model_id,
                    "source": sname, "source_path": str(spath),
-                   "trained_on_source": Path(spath).name in seen,
+                   "trained_on_source": any(n == Path(spath).name or n.startswith(Path(spath).name + " ")
+                                            for n in seen),  # old checkpoints: "folder (description)"
                    "input_size": list(model.preprocessing.size), "images": len(labels),
                    "subjects": int(len(set(labels.tolist()))), "settings": [],
                    "notes": res["notes"]}
