@@ -56,6 +56,7 @@ RECIPES = {
         "--val-n-way", "8"]},
 }
 SHIPPED = {"lgg3d-32": "starter-3d-brain-mri.pt"}
+CLI = [sys.executable, "-m", "subject_fingerprint"]   # the interpreter running this script
 FOLDERS = {"NIH": NIH, "KER": KER, "LGG": LGG}
 
 
@@ -66,7 +67,7 @@ def train_command(name, data: Path, out: Path, threads: int, device: str):
         a, b = _src(s, FOLDERS[s], data)
         sources += a
         splits += b
-    return (["subject-fingerprint", "train", *sources, "--split", *splits, "--out", str(out / name),
+    return ([*CLI, "train", *sources, "--split", *splits, "--out", str(out / name),
              *r["args"], "--threads", str(threads), "--device", device, "--quiet"])
 
 
@@ -74,10 +75,10 @@ def eval_command(name, data: Path, out: Path, device: str):
     r = RECIPES[name]
     model = out / name / "best.pt"
     if r["dims"] == 3:
-        return ["subject-fingerprint", "evaluate", str(data / LGG), "--model", str(model),
+        return [*CLI, "evaluate", str(data / LGG), "--model", str(model),
                 "--split", str(SPLITS / f"{LGG}-seed42.json"), "--out", str(out / name / "eval"),
                 "--moved-queries", "--ways", "10", "5", "--shots", "1", "--device", device, "--quiet"]
-    return ["subject-fingerprint", "evaluate", f"NIH={data / NIH}", f"KER={data / KER}", "--split",
+    return [*CLI, "evaluate", f"NIH={data / NIH}", f"KER={data / KER}", "--split",
             f"NIH={SPLITS / f'{NIH}-seed42.json'}", f"KER={SPLITS / f'{KER}-seed42.json'}",
             "--model", f"{name}={model}", "--out", str(out / name / "eval"), "--ways", "20",
             "--shots", "1", "--device", device, "--quiet"]

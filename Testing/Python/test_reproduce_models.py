@@ -23,11 +23,12 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
     assert set(r.SHIPPED) <= set(r.RECIPES)
     for name in r.RECIPES:
         cmd = r.train_command(name, tmp_path / "data", tmp_path / "out", 1, "cpu")
-        args = build_parser().parse_args(cmd[1:])
+        assert cmd[:3] == r.CLI
+        args = build_parser().parse_args(cmd[3:])
         assert args.out == str(tmp_path / "out" / name) and args.threads == 1
         for spec in args.split:
             assert Path(spec.partition("=")[2]).is_file(), spec     # committed split files
-        ev = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu")[1:])
+        ev = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu")[3:])
         assert ev.model[0].endswith(f"{name}/best.pt")
         assert ev.moved_queries == (r.RECIPES[name]["dims"] == 3)
 
