@@ -24,9 +24,23 @@ class AugmentConfig:
     brightness: float = 0.1       # +- fraction of the image's standard deviation
     contrast: float = 0.1         # +- relative contrast around the image mean
     prob: float = 1.0             # probability that an image is augmented at all
+    # Domain-shift options (0 = off, the paper's recipe): see ``augment_more.py``.
+    gamma: float = 0.0            # log-gamma range: intensity curve x ** exp(U(-g, g))
+    blur_sharpen: float = 0.0     # x + s * (x - blur(x)), s in U(-1, blur_sharpen), sigma 1 px
+    noise: float = 0.0            # Gaussian noise, std up to this fraction of the image std
+    jpeg: float = 0.0             # 2D: probability of 8x8 block-DCT quantisation (JPEG artefacts)
+    down_up: float = 1.0          # largest down-then-up sampling factor (1 = off)
+    erase: float = 0.0            # probability of one erased / burned-in rectangle
+    bias_field: float = 0.0       # strength of a smooth multiplicative field exp(b * f)
+    resolution: float = 1.0       # 3D: largest down-up factor along one random axis (thick slices)
+    extra_prob: float = 0.5       # probability of each domain-shift option, per image
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def has_extras(self) -> bool:
+        return bool(self.gamma or self.blur_sharpen or self.noise or self.jpeg or self.erase
+                    or self.bias_field or self.down_up > 1 or self.resolution > 1)
 
 
 def _uniform(n, bound, generator, device):
@@ -72,4 +86,8 @@ def augment(x: torch.Tensor, generator: Optional[torch.Generator] = None,
     contrast = 1.0 + _uniform(b, config.contrast, generator, device).view(shape).to(x.dtype)
     bright = _uniform(b, config.brightness, generator, device).view(shape).to(x.dtype)
     jittered = (out - mean) * contrast + mean + bright * std
-    return torch.where(apply.view(shape), jittered, x)
+    result = torch.where(apply.view(shape), jittered, x)
+    if config.has_extras():  # drawn after the paper's draws, so its recipe is unchanged
+        from .augment_more import domain_shift
+        result = domain_shift(result, generator, config)
+    return result

@@ -60,9 +60,12 @@ def _add_train(sub) -> None:
                        description="Train a fingerprint network on the training subjects of SPLIT; "
                                    "RUN_DIR gets best.pt, last.pt, log.csv and training.png. Under "
                                    "torchrun it trains with DDP on every rank.")
-    p.add_argument("source", metavar="SOURCE")
-    p.add_argument("--manifest")
-    p.add_argument("--split", help="split file from `split` (default: train on everything, no validation)")
+    p.add_argument("source", metavar="SOURCE", nargs="+",
+                   help="image folder or manifest; several as NAME=PATH (subject IDs kept apart "
+                        "per source, batches balanced across sources)")
+    p.add_argument("--manifest", nargs="+", help="manifest CSV (NAME=FILE per source when several)")
+    p.add_argument("--split", nargs="+", help="split file from `split` (NAME=FILE per source when "
+                                              "several; default: train on everything, no validation)")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--dims", type=int, choices=(2, 3), default=2)
     p.add_argument("--depth", type=int, default=50, help="ResNet depth (18, 34, 50, ...)")
@@ -86,6 +89,15 @@ def _add_train(sub) -> None:
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
     p.add_argument("--grad-clip", type=float, default=5.0)
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--augment-preset", default="domain",
+                   choices=("paper", "domain", "domain-2d", "domain-3d"),
+                   help="paper: the paper's small affine + brightness/contrast; domain (default): "
+                        "wider affine, gamma, blur/sharpen, noise, JPEG, down-up sampling, erasing "
+                        "(2D) or misalignment, bias field, thick slices (3D)")
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this model's weights")
+    p.add_argument("--val-moved", action="store_true",
+                   help="3D: validate on volumes each moved by a seeded random rigid transform "
+                        "(15 degrees, 10 %% of the FOV), so selection rewards misalignment invariance")
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="first train this many steps with every image (singletons too) as its own "
                         "subject, positives = augmented copies")
@@ -119,7 +131,10 @@ def config_from_args(args):
         batch_subjects=args.batch_subjects, images_per_subject=args.images_per_subject,
         loss=args.loss, miner=args.miner, margin=args.margin, xbm=args.xbm, xbm_start=args.xbm_start,
         normalize=args.normalize, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-        grad_clip=args.grad_clip, augment=not args.no_augment, pretrain_steps=args.pretrain_steps,
+        grad_clip=args.grad_clip, augment=not args.no_augment,
+        augment_preset=getattr(args, "augment_preset", "paper"), init_from=getattr(args, "init_from", None),
+        val_moved=getattr(args, "val_moved", False),
+        pretrain_steps=args.pretrain_steps,
         device=args.device, amp=not args.no_amp, val_every=args.val_every,
         val_episodes=args.val_episodes, val_n_way=args.val_n_way, val_k_shot=args.val_k_shot,
         patience=args.patience, resume=args.resume, seed=args.seed, cross_modal=args.cross_modal,
@@ -130,9 +145,19 @@ def config_from_args(args):
 def run_train(args) -> int:
     from subject_fingerprint.errors import FingerprintError
 
+    from .sources import parse_sources, run_multi_training
     from .trainer import run_training
     try:
-        result = run_training(config_from_args(args))
+        sources = [args.source] if isinstance(args.source, str) else list(args.source)
+        splits = [args.split] if isinstance(args.split, str) else list(args.split or [])
+        manifests = [args.manifest] if isinstance(args.manifest, str) else list(args.manifest or [])
+        specs = parse_sources(sources, splits, manifests)
+        if len(specs) == 1 and "=" not in sources[0] and not args.val_moved:  # one plain source: the single-source path
+            args.source, args.split, args.manifest = specs[0].path, specs[0].split, specs[0].manifest
+            result = run_training(config_from_args(args))
+        else:
+            args.source, args.split, args.manifest = " ".join(sources), None, None
+            result = run_multi_training(config_from_args(args), specs)
     except (FingerprintError, ValueError, OSError) as exc:
         return _error(exc)
     if result.best_path is not None:

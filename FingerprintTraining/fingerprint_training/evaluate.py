@@ -254,10 +254,18 @@ def results_markdown(result: dict, title: str = "") -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``subject-fingerprint evaluate``."""
-    p.add_argument("source", help="image folder, DICOM tree or file set (as for index/train)")
-    p.add_argument("--model", help="checkpoint to evaluate (default: the bundled starter model)")
+    p.add_argument("source", nargs="+", help="image folder, DICOM tree or file set (as for "
+                   "index/train); several as NAME=PATH for the cross-domain table")
+    p.add_argument("--model", nargs="+", help="checkpoint to evaluate (default: the bundled starter "
+                   "model); several as NAME=FILE: every model on every source, crossdomain.py")
     p.add_argument("--manifest", help="manifest CSV (subject_id,image_path[,modality,view])")
-    p.add_argument("--split", required=True, help="split JSON (train/val/test subject lists)")
+    p.add_argument("--split", required=True, nargs="+",
+                   help="split JSON (train/val/test subject lists); NAME=FILE per source when several")
+    p.add_argument("--moved-queries", action="store_true",
+                   help="3D: move every query by a seeded random rigid transform (moved.py), "
+                        "cross-modal, next to pixel correlation on the same moved volumes")
+    p.add_argument("--max-rotation", type=float, default=15.0, help="moved queries: degrees per axis")
+    p.add_argument("--max-shift", type=float, default=0.10, help="moved queries: fraction of the FOV")
     p.add_argument("--subset", choices=("test", "val", "all"), default="test",
                    help="which subjects to evaluate on (default: test)")
     p.add_argument("--out", required=True, help="output folder (metrics.json, results.md, PNGs)")
@@ -358,14 +366,12 @@ def summary_for_checkpoint(result: dict, subset: str) -> dict:
 
 def run(args) -> dict:
     """The evaluation itself; returns the result dict (also written to ``args.out``)."""
-    from subject_fingerprint.checkpoint import load_checkpoint, save_checkpoint
+    from subject_fingerprint.checkpoint import default_model_path, load_checkpoint, save_checkpoint
     from subject_fingerprint.embed import Embedder
     from subject_fingerprint.io import discover
 
     from .calibration_fit import calibration_pairs, fit_calibration
     from .splits import load_split
-
-    from subject_fingerprint.checkpoint import default_model_path
 
     progress = not getattr(args, "quiet", False)
     out_dir = Path(args.out)
@@ -477,6 +483,30 @@ def main(args) -> int:
     out_dir = Path(args.out)
     existed = out_dir.exists()
     try:
+        if not args.model:
+            from subject_fingerprint.checkpoint import default_model_path
+
+            args.model = [str(default_model_path())]  # raises a clear error if it is missing
+        many = [v for v in (args.source, args.model, args.split) if isinstance(v, list)]
+        if any(len(v) > 1 for v in many) or any("=" in str(v[0]) for v in many if v):
+            from .crossdomain import cross_domain_markdown, main_from_args
+            result = main_from_args(args)
+            if not getattr(args, "quiet", False):
+                print(cross_domain_markdown(result))
+            return EXIT_OK
+        for name in ("source", "model", "split"):  # one of each: the single evaluation
+            value = getattr(args, name)
+            setattr(args, name, value[0] if isinstance(value, list) else value)
+        if getattr(args, "moved_queries", False):
+            from .moved import moved_markdown, run_moved
+            result = run_moved(args.source, args.split, args.model, args.out, subset=args.subset,
+                               ways=args.ways, shots=args.shots, episodes=args.episodes,
+                               seed=args.seed, max_rotation=args.max_rotation,
+                               max_shift=args.max_shift, device=args.device,
+                               progress=not args.quiet, manifest=args.manifest)
+            if not args.quiet:
+                print(moved_markdown(result))
+            return EXIT_FOUND if result["load_failures"] else EXIT_OK
         result = run(args)
     except (FingerprintError, ValueError, OSError) as exc:
         if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):

@@ -68,6 +68,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float = 5.0
     augment: bool = True
+    augment_preset: str = "paper"    # paper | domain (domain-2d / domain-3d by dims): augment_more.py
+    init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning)
+    val_moved: bool = False          # 3D: validate on rigidly moved volumes (sources.py, moved.py)
     pretrain_steps: int = 0          # instance-discrimination steps (each image a "subject") first
     device: str = "auto"
     amp: bool = True                 # mixed precision; only ever used on CUDA
@@ -174,6 +177,9 @@ class Trainer:
         self.model = FingerprintModel.create(config.dims, depth=config.depth,
                                              embedding_dim=config.embedding_dim,
                                              preprocessing=preprocessing, modalities=tuple(modalities))
+        if config.init_from:
+            from .sources import load_initial_weights
+            load_initial_weights(self.model, config.init_from)
         self.model.network.to(self.device)
         self.network = ddp.wrap(self.model.network, self.ctx)
         self.sampler = SubjectBatchSampler(train_set.labels, config.batch_subjects,
@@ -202,7 +208,8 @@ class Trainer:
             warmup_multiplier=1.0 / config.warmup if config.warmup > 0 else 0.0)
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.aug_config = AugmentConfig()
+        from .augment_more import preset
+        self.aug_config = preset(config.augment_preset, config.dims) if config.augment else AugmentConfig()
         self.out = Path(config.out)
         self.writes = config.write_outputs and self.ctx.is_main
         self.step = 0

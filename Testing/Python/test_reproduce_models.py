@@ -1,0 +1,42 @@
+"""Testing/reproduce_models.py: every recipe builds a valid train / evaluate command line over
+committed split files (nothing is trained here)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("reproduce_models", REPO / "Testing" / "reproduce_models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
+    from subject_fingerprint.cli import build_parser
+
+    r = _module()
+    assert set(r.SHIPPED) <= set(r.RECIPES)
+    for name in r.RECIPES:
+        cmd = r.train_command(name, tmp_path / "data", tmp_path / "out", 1, "cpu")
+        assert cmd[:3] == r.CLI
+        args = build_parser().parse_args(cmd[3:])
+        assert args.out == str(tmp_path / "out" / name) and args.threads == 1
+        for spec in args.split:
+            assert Path(spec.partition("=")[2]).is_file(), spec     # committed split files
+        ev = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu")[3:])
+        assert ev.model[0].endswith(f"{name}/best.pt")
+        assert ev.moved_queries == (r.RECIPES[name]["dims"] == 3)
+
+
+def test_unknown_recipe_and_missing_data_are_clear_errors(tmp_path, capsys):
+    r = _module()
+    with pytest.raises(SystemExit):
+        r.main(["--recipes", "nope", "--out", str(tmp_path)])
+    assert "unknown recipe" in capsys.readouterr().err
+    assert r.main(["--recipes", "ker64", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,190 @@
+"""Rebuild the shipped starter models (and the other recipes of BENCHMARKS.md) from the shared
+data in one command, timing every step:
+
+    python Testing/reproduce_models.py                      # the shipped 3D model
+    python Testing/reproduce_models.py --recipes all        # every recipe of the table
+    python Testing/reproduce_models.py --recipes ker64 --out runs/repro --threads 2
+
+Each recipe is one ``subject-fingerprint train`` command (printed before it runs) into
+``OUT/NAME``; ``--evaluate`` then runs the cross-domain table (2D) or the moved-query
+evaluation (3D) on the committed test splits into ``OUT/NAME/eval``; ``--ship`` writes the
+shipped recipes' best checkpoints as float16 into ``Resources/Models`` (calibration from
+validation subjects, as trained). Wall times go to ``OUT/timings.json``. On a machine with
+CUDA the same commands train with mixed precision (``--device auto``); without it they run on
+the CPU. Needs ``../shared/data`` (or ``--data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = ROOT / "Resources" / "Splits"
+STARTER = ROOT / "Resources" / "Models" / "starter-2d-cxr.pt"
+
+NIH, KER, LGG = "cxr14-subset-64px", "kermany-peds-128px", "lgg-mri-80"
+
+
+def _src(name, folder, data):
+    return [f"{name}={data / folder}"], [f"{name}={SPLITS / f'{folder}-seed42.json'}"]
+
+
+def _2d(sources, steps, extra=(), size=64):
+    return {"dims": 2, "sources": sources, "args": ["--depth", "18", "--size", str(size), str(size),
+            "--steps", str(steps), "--batch-subjects", "32", "--images-per-subject", "4",
+            "--val-every", "50", *extra]}
+
+
+# name -> recipe: the recipes measured in BENCHMARKS.md. "joint64-ft" starts from the previous
+# starter model (NIH only, commit PREVIOUS_STARTER), read from git history.
+PREVIOUS_STARTER = "ccc9051"
+PREVIOUS_STARTER_FILE = ROOT / "runs" / "previous-starter-2d-cxr.pt"
+RECIPES = {
+    "joint64-ft": _2d(["NIH", "KER"], 450, ["--warmup", "20", "--lr", "3e-4",
+                                           "--init-from", str(PREVIOUS_STARTER_FILE)]),
+    "ker64": _2d(["KER"], 600),
+    "lgg3d-32": {"dims": 3, "sources": ["LGG"], "args": [
+        "--dims", "3", "--size", "32", "32", "32", "--depth", "18", "--steps", "600", "--warmup", "30",
+        "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
+        "--val-n-way", "8"]},
+}
+SHIPPED = {"lgg3d-32": "starter-3d-brain-mri.pt"}
+CLI = [sys.executable, "-m", "subject_fingerprint"]   # the interpreter running this script
+FOLDERS = {"NIH": NIH, "KER": KER, "LGG": LGG}
+
+
+def train_command(name, data: Path, out: Path, threads: int, device: str):
+    r = RECIPES[name]
+    sources, splits = [], []
+    for s in r["sources"]:
+        a, b = _src(s, FOLDERS[s], data)
+        sources += a
+        splits += b
+    return ([*CLI, "train", *sources, "--split", *splits, "--out", str(out / name),
+             *r["args"], "--threads", str(threads), "--device", device, "--quiet"])
+
+
+def eval_command(name, data: Path, out: Path, device: str):
+    r = RECIPES[name]
+    model = out / name / "best.pt"
+    if r["dims"] == 3:
+        return [*CLI, "evaluate", str(data / LGG), "--model", str(model),
+                "--split", str(SPLITS / f"{LGG}-seed42.json"), "--out", str(out / name / "eval"),
+                "--moved-queries", "--ways", "10", "5", "--shots", "1", "--device", device, "--quiet"]
+    return [*CLI, "evaluate", f"NIH={data / NIH}", f"KER={data / KER}", "--split",
+            f"NIH={SPLITS / f'{NIH}-seed42.json'}", f"KER={SPLITS / f'{KER}-seed42.json'}",
+            "--model", f"{name}={model}", "--out", str(out / name / "eval"), "--ways", "20",
+            "--shots", "1", "--device", device, "--quiet"]
+
+
+def previous_starter() -> Path:
+    """The NIH-only starter model that "joint64-ft" fine-tunes, from git history."""
+    if not PREVIOUS_STARTER_FILE.is_file():
+        PREVIOUS_STARTER_FILE.parent.mkdir(parents=True, exist_ok=True)
+        blob = subprocess.run(["git", "-C", str(ROOT), "show",
+                               f"{PREVIOUS_STARTER}:Resources/Models/starter-2d-cxr.pt"],
+                              capture_output=True, check=False)
+        if blob.returncode != 0:
+            raise SystemExit(f"cannot read the previous starter model from git ({PREVIOUS_STARTER}): "
+                             f"{blob.stderr.decode(errors='replace').strip()} (a shallow clone?)")
+        PREVIOUS_STARTER_FILE.write_bytes(blob.stdout)
+    return PREVIOUS_STARTER_FILE
+
+
+def _run(cmd) -> float:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return round(time.time() - t0, 1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=list(SHIPPED),
+                   help=f"recipe names or 'all' (known: {', '.join(RECIPES)})")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--evaluate", action="store_true", help="evaluate each model on the test splits")
+    p.add_argument("--ship", action="store_true", help="write the shipped models into Resources/Models")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="only print BENCHMARKS.md rows of these runs")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
+    names = list(RECIPES) if args.recipes == ["all"] else args.recipes
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipe(s): {', '.join(unknown)}")
+    for folder in {FOLDERS[s] for n in names for s in RECIPES[n]["sources"]}:
+        if not (args.data / folder / "manifest.csv").is_file():
+            print(f"error: {args.data / folder} not found (use --data)", file=sys.stderr)
+            return 2
+    timings_path = args.out / "timings.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    for name in names:
+        if str(PREVIOUS_STARTER_FILE) in RECIPES[name]["args"]:
+            previous_starter()
+        entry = {"train_s": _run(train_command(name, args.data, args.out, args.threads, args.device)),
+                 "threads": args.threads, "device": args.device, "machine": platform.processor() or platform.machine(),
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        if args.evaluate:
+            entry["evaluate_s"] = _run(eval_command(name, args.data, args.out, args.device))
+        timings[name] = entry
+        timings_path.write_text(json.dumps(timings, indent=1) + "\n")
+        if args.ship and name in SHIPPED:
+            ship(args.out / name / "best.pt", ROOT / "Resources" / "Models" / SHIPPED[name])
+    print(json.dumps(timings, indent=1))
+    return 0
+
+
+def table(run_dirs) -> str:
+    """Markdown rows (one per recipe run folder with eval/) for BENCHMARKS.md, values in %."""
+    sys.path[:0] = [str(ROOT / "SubjectFingerprint"), str(ROOT / "FingerprintTraining")]
+    from subject_fingerprint.checkpoint import load_checkpoint
+    lines = []
+    for d in map(Path, run_dirs):
+        model = load_checkpoint(d / "best.pt")
+        t = model.metadata.get("training", {})
+        val = (model.metadata.get("metrics") or {}).get("validation") or {}
+        head = (f"| {d.name} | {t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')} | "
+                f"{t.get('seconds', 0):.0f} s to best | {100 * val.get('mean_recall_at_k', float('nan')):.1f} |")
+        cross, moved = d / "eval" / "cross_domain.json", d / "eval" / "moved.json"
+        cells = []
+        if cross.is_file():
+            for row in json.loads(cross.read_text())["rows"]:
+                s, r = row["settings"][0], row["retrieval"]
+                cells.append(f"{row['source']}{'' if row['trained_on_source'] else ' (unseen)'}: "
+                             f"{100 * s['model']:.1f} vs {100 * s['pixel_correlation']:.1f}, "
+                             f"P@1 {100 * r['model']['precision_at_1']:.1f}")
+        if moved.is_file():
+            m = json.loads(moved.read_text())
+            for s in m["settings"]:
+                cells.append(f"moved {s['n_way']}-way {s['k_shot']}-shot: {100 * s['model']['mean_recall_at_k']:.1f} "
+                             f"vs {100 * s['pixel_correlation']['mean_recall_at_k']:.1f}")
+        lines.append(head + " " + "; ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ship(best: Path, target: Path) -> None:
+    """Store ``best`` as float16 (the calibration fitted on validation subjects comes along)."""
+    sys.path[:0] = [str(ROOT / "SubjectFingerprint"), str(ROOT / "FingerprintTraining")]
+    from subject_fingerprint.checkpoint import load_checkpoint, save_checkpoint
+    model = load_checkpoint(best)
+    if model.calibration is None:
+        raise SystemExit(f"{best}: no calibration (did training finish?)")
+    save_checkpoint(model, target, half=True)
+    print(f"shipped {best} -> {target}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
