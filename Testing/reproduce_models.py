@@ -56,7 +56,7 @@ RECIPES = {
         "--val-n-way", "8"]},
 }
 SHIPPED = {"lgg3d-32": "starter-3d-brain-mri.pt"}
-CLI = [sys.executable, "-m", "subject_fingerprint"]   # the interpreter running this script
+CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
 FOLDERS = {"NIH": NIH, "KER": KER, "LGG": LGG}
 
 

@@ -24,7 +24,7 @@ class AugmentConfig:
     brightness: float = 0.1       # +- fraction of the image's standard deviation
     contrast: float = 0.1         # +- relative contrast around the image mean
     prob: float = 1.0             # probability that an image is augmented at all
-    # Domain-shift options (0 = off, the paper's recipe): see ``augment_more.py``.
+    # Domain-shift options (0 = off, the paper's recipe): applied by ``augment_more.augment_batch``.
     gamma: float = 0.0            # log-gamma range: intensity curve x ** exp(U(-g, g))
     blur_sharpen: float = 0.0     # x + s * (x - blur(x)), s in U(-1, blur_sharpen), sigma 1 px
     noise: float = 0.0            # Gaussian noise, std up to this fraction of the image std
@@ -86,8 +86,4 @@ def augment(x: torch.Tensor, generator: Optional[torch.Generator] = None,
     contrast = 1.0 + _uniform(b, config.contrast, generator, device).view(shape).to(x.dtype)
     bright = _uniform(b, config.brightness, generator, device).view(shape).to(x.dtype)
     jittered = (out - mean) * contrast + mean + bright * std
-    result = torch.where(apply.view(shape), jittered, x)
-    if config.has_extras():  # drawn after the paper's draws, so its recipe is unchanged
-        from .augment_more import domain_shift
-        result = domain_shift(result, generator, config)
-    return result
+    return torch.where(apply.view(shape), jittered, x)

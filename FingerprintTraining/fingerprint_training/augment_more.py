@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from .augment import AugmentConfig
+from .augment import AugmentConfig, augment
 
 # JPEG's standard luminance quantisation table (ITU-T T.81, Annex K), in 8-bit grey levels.
 _JPEG_LUMA = torch.tensor([
@@ -51,6 +51,14 @@ def preset(name: str, dims: int = 2, **overrides) -> AugmentConfig:
         raise ValueError(f"unknown augmentation preset {name!r}; use paper, domain, "
                          f"domain-2d or domain-3d")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def augment_batch(x: torch.Tensor, gen, cfg: AugmentConfig) -> torch.Tensor:
+    """The training augmentation: the paper's affine and intensity jitter (``augment``), then
+    the domain-shift options that ``cfg`` turns on, drawn after the paper's draws so that
+    its recipe stays unchanged."""
+    x = augment(x, gen, cfg)
+    return domain_shift(x, gen, cfg) if cfg.has_extras() else x
 
 
 def _u(n, lo, hi, gen):

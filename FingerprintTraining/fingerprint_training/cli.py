@@ -171,7 +171,7 @@ def run_train(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``split``, ``train`` and ``evaluate`` to the main command line."""
-    from .evaluate import register as register_evaluate
+    from .evaluate_command import register as register_evaluate
 
     _add_split(subparsers)
     _add_train(subparsers)

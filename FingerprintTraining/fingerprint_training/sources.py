@@ -163,16 +163,6 @@ class MultiSourceTrainer(Trainer):
                                for n, v in per.items()}}
 
 
-def load_initial_weights(model, path) -> None:
-    """Copy the network weights of checkpoint ``path`` into ``model`` (same architecture)."""
-    from subject_fingerprint.checkpoint import load_checkpoint
-    start = load_checkpoint(path)
-    if start.architecture != model.architecture:
-        raise ValueError(f"{path}: its architecture {start.architecture} differs from the run's "
-                         f"{model.architecture}")
-    model.network.load_state_dict(start.network.state_dict())
-
-
 def run_multi_training(cfg: TrainConfig, specs: Sequence[SourceSpec]) -> TrainResult:
     """Discover, split and preload every source, then train one model on all of them."""
     from subject_fingerprint.io import discover

@@ -28,7 +28,8 @@ from subject_fingerprint.model import FingerprintModel
 
 from . import distributed as ddp
 from . import metrics
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig
+from .augment_more import augment_batch, preset
 from .calibration_fit import calibration_pairs, fit_calibration
 from .data import InMemoryDataset
 from .losses import MetricObjective
@@ -126,6 +127,16 @@ def _seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def load_initial_weights(model, path) -> None:
+    """Copy the network weights of checkpoint ``path`` into ``model`` (same architecture)."""
+    from subject_fingerprint.checkpoint import load_checkpoint
+    start = load_checkpoint(path)
+    if start.architecture != model.architecture:
+        raise ValueError(f"{path}: its architecture {start.architecture} differs from the run's "
+                         f"{model.architecture}")
+    model.network.load_state_dict(start.network.state_dict())
+
+
 def _read_state(path) -> dict:
     """``last.pt`` read like ``load_checkpoint`` reads models: weights only, and every problem
     (pickled code, damage, another file) a ``CheckpointError`` that names the file."""
@@ -178,7 +189,6 @@ class Trainer:
                                              embedding_dim=config.embedding_dim,
                                              preprocessing=preprocessing, modalities=tuple(modalities))
         if config.init_from:
-            from .sources import load_initial_weights
             load_initial_weights(self.model, config.init_from)
         self.model.network.to(self.device)
         self.network = ddp.wrap(self.model.network, self.ctx)
@@ -208,7 +218,6 @@ class Trainer:
             warmup_multiplier=1.0 / config.warmup if config.warmup > 0 else 0.0)
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        from .augment_more import preset
         self.aug_config = preset(config.augment_preset, config.dims) if config.augment else AugmentConfig()
         self.out = Path(config.out)
         self.writes = config.write_outputs and self.ctx.is_main
@@ -240,7 +249,7 @@ class Trainer:
         rank = self.ctx.rank
         if self.cfg.augment:
             gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, rank, 1))
-            x = augment(x, gen, self.aug_config)
+            x = augment_batch(x, gen, self.aug_config)
         mine_gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, rank, 2))
         self.network.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):

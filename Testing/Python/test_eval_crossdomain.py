@@ -11,7 +11,7 @@ from test_training_sources import _write_source
 def test_every_model_on_every_source_next_to_pixel_correlation(tmp_path, one_torch_thread):
     import torch
     from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
-    from subject_fingerprint.cli import main
+    from fingerprint_training.cli import main
     from subject_fingerprint.preprocess import Preprocessing
 
     for name, seed in (("a", 0), ("b", 1)):

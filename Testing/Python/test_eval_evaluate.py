@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fingerprint_training import evaluate as E
+from fingerprint_training import evaluate_command as EC
 
 
 def test_evaluate_embeddings_settings_and_notes():
@@ -63,14 +64,14 @@ def test_evaluate_command_end_to_end(tmp_path):
     model_id = load_checkpoint(ckpt).model_id
 
     parser = argparse.ArgumentParser()
-    E.add_arguments(parser)
+    EC.add_arguments(parser)
     out = tmp_path / "out"
     args = parser.parse_args([
         str(data), "--model", str(ckpt), "--manifest", str(data / "manifest.csv"),
         "--split", str(tmp_path / "split.json"), "--out", str(out), "--ways", "3", "5",
         "--shots", "1", "2", "--episodes", "4", "--baselines", "--bootstrap", "20",
         "--device", "cpu", "--write-calibration", "--quiet"])
-    assert E.main(args) == 0
+    assert EC.main(args) == 0
 
     m = json.loads((out / "metrics.json").read_text())
     assert (out / "metrics.json").stat().st_mode & 0o777 == 0o644
@@ -98,12 +99,12 @@ def test_evaluate_command_end_to_end(tmp_path):
 
 def test_evaluate_command_errors(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    E.add_arguments(parser)
+    EC.add_arguments(parser)
     (tmp_path / "split.json").write_text(json.dumps({"train": [], "val": [], "test": ["x"]}))
     args = parser.parse_args([str(tmp_path), "--model", str(tmp_path / "missing.pt"),
                               "--split", str(tmp_path / "split.json"), "--out",
                               str(tmp_path / "out"), "--quiet"])
-    assert E.main(args) == 2
+    assert EC.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
 
@@ -113,6 +114,6 @@ def test_evaluate_is_wired_into_the_command_line():
 
     args = build_parser().parse_args(["evaluate", "data", "--model", "m.pt", "--split", "s.json",
                                       "--out", "o", "--ways", "20", "--shots", "1", "5"])
-    assert args.func is E.main
+    assert args.func is EC.main
     assert args.ways == [20] and args.shots == [1, 5] and args.subset == "test"
     assert args.calibrate_on == "val" and args.target_fpr == 0.01 and args.episodes == 100

@@ -17,7 +17,7 @@ def _module():
 
 
 def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
-    from subject_fingerprint.cli import build_parser
+    from fingerprint_training.cli import build_parser
 
     r = _module()
     assert set(r.SHIPPED) <= set(r.RECIPES)

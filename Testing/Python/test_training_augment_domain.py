@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fingerprint_training.augment import AugmentConfig, augment
-from fingerprint_training.augment_more import _dct_matrix, _jpeg, domain_shift, preset
+from fingerprint_training.augment_more import _dct_matrix, _jpeg, augment_batch, domain_shift, preset
 
 
 def _batch(dims=2, b=6, n=32, seed=0):
@@ -19,9 +19,9 @@ def _batch(dims=2, b=6, n=32, seed=0):
 def test_presets_are_reproducible_and_keep_shape(dims, name):
     x = _batch(dims, n=16 if dims == 3 else 32)
     cfg = preset(name, dims)
-    a = augment(x, torch.Generator().manual_seed(5), cfg)
-    b = augment(x, torch.Generator().manual_seed(5), cfg)
-    c = augment(x, torch.Generator().manual_seed(6), cfg)
+    a = augment_batch(x, torch.Generator().manual_seed(5), cfg)
+    b = augment_batch(x, torch.Generator().manual_seed(5), cfg)
+    c = augment_batch(x, torch.Generator().manual_seed(6), cfg)
     assert a.shape == x.shape and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -29,7 +29,7 @@ def test_presets_are_reproducible_and_keep_shape(dims, name):
 def test_paper_preset_is_the_old_recipe():
     x = _batch()
     assert not preset("paper").has_extras()
-    assert torch.equal(augment(x, torch.Generator().manual_seed(1), preset("paper")),
+    assert torch.equal(augment_batch(x, torch.Generator().manual_seed(1), preset("paper")),
                        augment(x, torch.Generator().manual_seed(1), AugmentConfig()))
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         preset("strong")

@@ -69,7 +69,7 @@ def test_train_two_sources_from_the_command_line_and_resume_exactly(tmp_path, on
 
     import torch
     from subject_fingerprint.checkpoint import load_checkpoint
-    from subject_fingerprint.cli import main
+    from fingerprint_training.cli import main
 
     from fingerprint_training.sources import run_multi_training
     from fingerprint_training.trainer import TrainConfig
