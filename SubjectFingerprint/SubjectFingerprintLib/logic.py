@@ -71,10 +71,13 @@ class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
         ensureDependencies(training=training, interactive=interactive)
 
     def defaultModelPath(self) -> str:
-        """The engine's default model: ``$SUBJECT_FINGERPRINT_MODEL`` when set, else the bundled
-        starter model (the module's Resources in a Slicer build, or the repository's)."""
-        from subject_fingerprint.checkpoint import default_model_path
+        """``$SUBJECT_FINGERPRINT_MODEL`` when set, else the starter model shipped in this module's
+        Resources, else the engine's own lookup (the same precedence as the engine's)."""
+        from subject_fingerprint.checkpoint import ENV_MODEL, STARTER_MODEL_NAME, default_model_path
 
+        shipped = os.path.join(self.moduleDir(), "Resources", "Models", STARTER_MODEL_NAME)
+        if not os.environ.get(ENV_MODEL) and os.path.isfile(shipped):
+            return shipped
         return str(default_model_path())  # raises CheckpointError with a clear message if absent
 
     def resolveModelPath(self, modelPath: Optional[str] = None) -> str:
