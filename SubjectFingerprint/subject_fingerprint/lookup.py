@@ -27,6 +27,8 @@ class IndexReport:
 
     added: int = 0
     duplicates: int = 0
+    embedded: int = 0  # images that went through the network (0 when all were stored)
+    backend: str = ""
     failures: List[Failure] = field(default_factory=list)
     discovered: int = 0
     cancelled: bool = False
@@ -37,6 +39,8 @@ class IndexReport:
             "discovered": self.discovered,
             "added": self.added,
             "duplicates": self.duplicates,
+            "embedded": self.embedded,
+            "backend": self.backend,
             "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
             "cancelled": self.cancelled,
             "seconds": round(self.seconds, 3),
@@ -71,7 +75,13 @@ def _progress_reporter(progress, total: int, desc: str):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-        return (lambda n, message="": bar.update(n)), bar.close
+
+        def update(n, message=""):
+            if message:
+                bar.set_postfix_str(message, refresh=False)
+            bar.update(n)
+
+        return update, bar.close
     return (lambda n, message="": None), lambda: None
 
 
@@ -89,6 +99,8 @@ def index(
     cancel: Optional[Callable[[], bool]] = None,
     transactional: bool = False,
     commit_every: float = 30.0,
+    backend: str = "torch",
+    shard: Optional[tuple] = None,
 ) -> IndexReport:
     """Embed every image found under ``sources`` and add it to the library file ``library``.
 
@@ -96,6 +108,12 @@ def index(
     By default what is embedded is published every ``commit_every`` seconds, so a long run
     that dies keeps most of what it finished. With ``transactional=True`` nothing is published
     until every image is embedded: a cancelled or killed run leaves the library as it was.
+
+    Content hashes already in the library are checked right after decoding, so re-indexing a
+    folder embeds nothing that is stored (unless ``skip_duplicates=False``). ``backend`` is
+    one of :data:`subject_fingerprint.backends.BACKENDS`; ``num_workers=None`` sizes the
+    decoding workers to the cores. ``shard=(rank, world)`` indexes only every world-th image
+    starting at rank (used by the torchrun path, see :mod:`.distributed_index`).
     """
     from .embed import Embedder
     from .io import discover
@@ -104,19 +122,35 @@ def index(
     started = time.perf_counter()
     fmodel = resolve_model(model)
     found = discover([str(s) for s in sources], manifest=manifest, dataset=dataset)
-    report = IndexReport(discovered=len(found.records), failures=list(found.failures))
-    update, close = _progress_reporter(progress, len(found.records), "embedding")
-    embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers)
+    records = found.records
+    if shard is not None:
+        rank, world = shard
+        records = records[rank::world]
+    report = IndexReport(discovered=len(records), failures=list(found.failures))
+    embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers,
+                        backend=backend)
+    report.backend = embedder.backend
+    update, close = _progress_reporter(progress, len(records), "embedding")
+    decode_s = model_s = 0.0
+    decoded = 0
 
     # The library is copy-on-write: each commit publishes a new file atomically. Committing
     # every ``commit_every`` seconds bounds both the work lost to a crash and the copying.
     with EmbeddingLibrary.open(library, mode="a", model=fmodel) as lib:
         last_commit = time.monotonic()
+        known = None
+        if skip_duplicates and len(lib):
+            known = frozenset(h for h in lib.column("content_hash").tolist() if h)
         try:
-            for batch in embedder.iter_batches(found.records):
+            for batch in embedder.iter_batches(records, skip_hashes=known):
                 if cancel is not None and cancel():
                     raise Cancelled("cancelled by the user")
                 report.failures.extend(batch.failures)
+                report.duplicates += len(batch.skipped)
+                report.embedded += len(batch.records)
+                decoded += len(batch.records) + len(batch.skipped)
+                decode_s += batch.decode_seconds
+                model_s += batch.model_seconds
                 if len(batch.records):
                     result = lib.add(batch.records, batch.content_hashes, batch.embeddings,
                                      skip_duplicates=skip_duplicates)
@@ -125,7 +159,12 @@ def index(
                 if not transactional and time.monotonic() - last_commit > commit_every:
                     lib.commit()
                     last_commit = time.monotonic()
-                update(len(batch.records) + len(batch.failures), f"{report.added} added")
+                # Decode runs in parallel workers: its rate is per worker times the workers.
+                workers = max(1, embedder.num_workers)
+                rates = (f"decode {workers * decoded / max(decode_s, 1e-9):.0f} img/s, "
+                         f"model {report.embedded / model_s if model_s else 0:.0f} img/s, "
+                         f"{report.added} added")
+                update(len(batch.records) + len(batch.failures) + len(batch.skipped), rates)
         except Cancelled:
             report.cancelled = True
             if transactional:
@@ -155,6 +194,7 @@ def query(
     k: int = 10,
     device: str = "auto",
     failures: Optional[List[Failure]] = None,
+    backend: str = "torch",
 ):
     """Rank the library's images and subjects for each query image.
 
@@ -185,7 +225,7 @@ def query(
             loaded.append(item)
         if not loaded:
             return []
-        embeddings = Embedder(fmodel, device=device).embed_loaded(loaded)
+        embeddings = Embedder(fmodel, device=device, backend=backend).embed_loaded(loaded)
         results = rank(lib, embeddings, k=k, calibration=fmodel.calibration)
     for name, result in zip(names, results):
         result.query = name
