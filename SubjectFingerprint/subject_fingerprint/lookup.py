@@ -101,6 +101,7 @@ def index(
     commit_every: float = 30.0,
     backend: str = "torch",
     shard: Optional[tuple] = None,
+    known_hashes: Optional[frozenset] = None,
 ) -> IndexReport:
     """Embed every image found under ``sources`` and add it to the library file ``library``.
 
@@ -112,8 +113,9 @@ def index(
     Content hashes already in the library are checked right after decoding, so re-indexing a
     folder embeds nothing that is stored (unless ``skip_duplicates=False``). ``backend`` is
     one of :data:`subject_fingerprint.backends.BACKENDS`; ``num_workers=None`` sizes the
-    decoding workers to the cores. ``shard=(rank, world)`` indexes only every world-th image
-    starting at rank (used by the torchrun path, see :mod:`.distributed_index`).
+    decoding workers to the cores. ``shard=(rank, world)`` indexes only the rank-th of world
+    contiguous slices of the images (the torchrun path, :mod:`.distributed_index`), and
+    ``known_hashes`` are content hashes to skip besides those in ``library``.
     """
     from .embed import Embedder
     from .io import discover
@@ -125,8 +127,11 @@ def index(
     records = found.records
     if shard is not None:
         rank, world = shard
-        records = records[rank::world]
-    report = IndexReport(discovered=len(records), failures=list(found.failures))
+        n = len(records)
+        records = records[rank * n // world:(rank + 1) * n // world]
+    # Files discovery could not read are reported once, by the first shard.
+    report = IndexReport(discovered=len(records),
+                         failures=list(found.failures) if not shard or shard[0] == 0 else [])
     embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers,
                         backend=backend)
     report.backend = embedder.backend
@@ -139,8 +144,9 @@ def index(
     with EmbeddingLibrary.open(library, mode="a", model=fmodel) as lib:
         last_commit = time.monotonic()
         known = None
-        if skip_duplicates and len(lib):
+        if skip_duplicates and (len(lib) or known_hashes):
             known = frozenset(h for h in lib.column("content_hash").tolist() if h)
+            known = known | frozenset(known_hashes or ())
         try:
             for batch in embedder.iter_batches(records, skip_hashes=known):
                 if cancel is not None and cancel():
