@@ -13,6 +13,7 @@ import csv
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -20,6 +21,11 @@ from . import __version__
 from .errors import FingerprintError
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+# Before torch is imported: OpenMP threads that spin while waiting made inference 2-10x
+# slower on a loaded machine (BENCHMARKS.md); on a quiet one PASSIVE costs about 1.2x.
+# A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Other packages that add subcommands; absent ones are simply not offered.
 _PLUGINS = ("fingerprint_training.cli", "subject_fingerprint.dedup.cli")

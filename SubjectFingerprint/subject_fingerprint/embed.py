@@ -124,7 +124,7 @@ class Embedder:
         backend; ``channels_last`` stores activations NHWC/NDHWC for the torch backends (on
         the CPU the NCHW path is 1.1-1.7x slower and slower per image at batch 8 than at 1).
         ``num_workers=None`` sizes the decoding workers to the cores."""
-        from .backends import TorchRunner, choose, cpu_cores
+        from .backends import cpu_cores
         from .device import resolve_device
 
         self.model = model
@@ -137,18 +137,38 @@ class Embedder:
         self.progress = progress
         self.amp = bool(amp)
         self.embedded_count = 0  # images that went through the network
-        if backend in (None, "torch") and not (self.amp and self.device.type == "cuda"):
-            from .backends import Choice
-
-            self.backend_choice = Choice(TorchRunner(model.network, self.device,
-                                                     model.spatial_dims,
-                                                     channels_last=channels_last), "torch")
-        else:
-            self.backend_choice = choose(model, backend or "torch", self.device)
-        self.runner = self.backend_choice.runner
-        self.backend = self.backend_choice.name
+        self._backend_request = backend or "torch"
+        self._channels_last = channels_last
+        self._choice = None
         # The Embedder owns the network from here on: on its device, in eval mode.
         self.network = model.network
+        if self._backend_request != "auto":
+            self.backend_choice  # an impossible explicit backend fails here, not mid-run
+
+    @property
+    def backend_choice(self):
+        """The backend in use; ``auto`` is decided on first use, so a run that finds every
+        image already stored never pays for the check."""
+        from .backends import Choice, TorchRunner, choose
+
+        if self._choice is None:
+            request = self._backend_request
+            if request == "torch" and not (self.amp and self.device.type == "cuda"):
+                runner = TorchRunner(self.model.network, self.device, self.model.spatial_dims,
+                                     channels_last=self._channels_last)
+                self._choice = Choice(runner, "torch")
+            else:
+                self._choice = choose(self.model, request, self.device)
+        return self._choice
+
+    @property
+    def runner(self):
+        return self.backend_choice.runner
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use ("auto" until it is decided)."""
+        return self._choice.name if self._choice is not None else self._backend_request
 
     @property
     def embedding_dim(self) -> int:

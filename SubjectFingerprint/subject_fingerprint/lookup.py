@@ -134,7 +134,6 @@ def index(
                          failures=list(found.failures) if not shard or shard[0] == 0 else [])
     embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers,
                         backend=backend)
-    report.backend = embedder.backend
     update, close = _progress_reporter(progress, len(records), "embedding")
     decode_s = model_s = 0.0
     decoded = 0
@@ -178,6 +177,7 @@ def index(
                 report.added = report.duplicates = 0
         finally:
             close()
+    report.backend = embedder.backend
     report.seconds = time.perf_counter() - started
     logger.info("indexed %d images into %s in %.1f s (%d duplicates, %d failures)",
                 report.added, library, report.seconds, report.duplicates, len(report.failures))

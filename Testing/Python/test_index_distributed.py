@@ -55,6 +55,11 @@ def test_reindex_embeds_nothing(tmp_path, tiny_model, folder):
     again = _index(folder, lib, tiny_model, "--workers", "0")
     assert again["embedded"] == 0 and again["added"] == 0
     assert again["duplicates"] == first["added"]
+    # With auto, nothing to embed means the backend check never runs.
+    code, out, err = run_cli("index", folder, "--library", lib, "--model", tiny_model,
+                             "--json")
+    assert code == 0, err
+    assert json.loads(out)["embedded"] == 0 and json.loads(out)["backend"] == "auto"
 
 
 def test_library_merge(tmp_path, tiny_model, folder):

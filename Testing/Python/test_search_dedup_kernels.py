@@ -43,3 +43,26 @@ def test_close_pairs_match_brute_force(same):
     got = sorted(zip(ii.tolist(), jj.tolist()))
     assert got == sorted(map(tuple, want.tolist())) and len(got) > 30
     np.testing.assert_allclose(dd, full[ii, jj], atol=1e-9)
+
+
+def test_rank_reads_only_the_rows_it_reports(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from subject_fingerprint.library import EmbeddingLibrary
+    from subject_fingerprint.records import ImageRecord
+
+    rng = np.random.default_rng(5)
+    model = SimpleNamespace(model_id="m" * 16, metadata={}, embedding_dim=8)
+    records = [ImageRecord(source=f"/x/{i}.png", subject_id=f"s{i // 3}", image_id=f"{i}.png")
+               for i in range(300)]
+    with EmbeddingLibrary.open(tmp_path / "l.h5", "a", model=model) as lib:
+        lib.add(records, [f"{i:064x}" for i in range(300)],
+                rng.standard_normal((300, 8)).astype(np.float32))
+    with EmbeddingLibrary.open(tmp_path / "l.h5", "r") as lib:
+        whole = []
+        original = lib.column
+        monkeypatch.setattr(lib, "column", lambda name, rows=None: (
+            whole.append(name) if rows is None else None, original(name, rows))[1])
+        for _ in range(3):
+            result = search.rank(lib, rng.standard_normal((2, 8)).astype(np.float32), k=5)
+        assert whole == [] and len(result[0].subjects) == 5
