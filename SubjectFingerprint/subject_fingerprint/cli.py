@@ -31,15 +31,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _PLUGINS = ("fingerprint_training.cli", "subject_fingerprint.dedup.cli")
 
 
-def _common_model_args(parser: argparse.ArgumentParser) -> None:
+def _common_model_args(parser: argparse.ArgumentParser, backend: str = "auto") -> None:
     parser.add_argument("--model", help="model checkpoint (.pt); default: the bundled starter model")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--backend", default="auto",
+    parser.add_argument("--backend", default=backend,
                         choices=("auto", "torch", "bf16", "onnx", "onnx-int8"),
-                        help="inference backend; auto (default) times torch, bf16 (CPUs with "
-                             "bf16 units) and ONNX Runtime on a check batch and keeps the "
-                             "fastest whose embeddings match float32; onnx-int8 only on request")
+                        help=f"inference backend (default {backend}); auto times torch, bf16 "
+                             "(CPUs with bf16 units) and ONNX Runtime on a check batch and keeps "
+                             "the fastest whose embeddings match float32; onnx-int8 only on "
+                             "request")
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], out=None) -> None:
@@ -126,7 +127,8 @@ def _add_query(sub) -> None:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON list, one object per query")
     fmt.add_argument("--csv", action="store_true", help="CSV, one row per candidate subject")
-    _common_model_args(p)
+    # A few query images: the check batch of auto would cost more than it saves.
+    _common_model_args(p, backend="torch")
     p.set_defaults(func=_run_query)
 
 
