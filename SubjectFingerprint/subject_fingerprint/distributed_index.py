@@ -38,9 +38,15 @@ def index_distributed(sources, library, device="auto", timeout_minutes: float = 
     from .library import EmbeddingLibrary, merge_libraries
     from .lookup import IndexReport, index
 
+    from .backends import cpu_cores
+
     world = world_size()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if kwargs.get("num_workers") is None:
+        # The ranks on one machine share its cores: size each rank's decoders to its share.
+        share = cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world) or 1)
+        kwargs["num_workers"] = share if share > 1 else 0
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", rank=rank, world_size=world,
