@@ -19,6 +19,9 @@ from .errors import Failure, FingerprintError
 from .records import LoadedImage
 
 
+_CPU_VOXELS_PER_PASS = 1 << 18
+
+
 @dataclass
 class EmbeddedBatch:
     """Embeddings of the records that worked, in order, and the failures of the rest."""
@@ -179,8 +182,22 @@ class Embedder:
 
     def embed_tensor(self, x):
         """Embed a ready batch ``(B, 1, *size)``; returns a float32 CPU tensor ``(B, D)``."""
+        import torch
+
         self.embedded_count += int(x.shape[0])
-        return self.runner(x)
+        step = self.pass_size(x)
+        if step >= x.shape[0]:
+            return self.runner(x)
+        return torch.cat([self.runner(x[i:i + step]) for i in range(0, x.shape[0], step)])
+
+    def pass_size(self, x) -> int:
+        """Images per forward pass. On the CPU a pass is capped at 2^18 input voxels (one
+        512x512 image): above that the activations leave the cache and batch 8 measured
+        slower per image than batch 1 with every backend (BENCHMARKS.md)."""
+        if self.device.type != "cpu":
+            return int(x.shape[0])
+        voxels = int(np.prod(x.shape[1:]))
+        return max(1, _CPU_VOXELS_PER_PASS // max(1, voxels))
 
     def iter_batches(self, records, skip_hashes=None):
         """Yield one ``EmbeddedBatch`` per ``batch_size`` records, in record order.

@@ -24,6 +24,7 @@ _BLOCK_ELEMENTS = 1 << 24
 _QUERY_CHUNK = 1024
 # From this many queries at once the search is compute-bound and uses the pruned kernel.
 _PRUNED_MIN_QUERIES = 32
+_USE_FAISS = True  # tests switch it off to check the numpy kernel
 # (queries x gallery rows) distances per block in the pruned kernel: 64 MiB (measured:
 # smaller blocks make the K=128 GEMM calls inefficient).
 _PRUNED_BLOCK_ELEMENTS = 1 << 24
@@ -60,12 +61,35 @@ def knn(gallery: np.ndarray, queries: np.ndarray, k: int, block_size: Optional[i
         gallery_sq_norms = np.einsum("ij,ij->i", gallery, gallery)
     out_d = np.empty((q, k))
     out_i = np.empty((q, k), dtype=np.int64)
-    chunk = _knn_chunk if q < _PRUNED_MIN_QUERIES else _knn_chunk_pruned
+    chunk = _knn_chunk if q < _PRUNED_MIN_QUERIES else _batched_kernel()
     for lo in range(0, q, _QUERY_CHUNK):
         d, i = chunk(gallery, gallery_sq_norms, queries[lo:lo + _QUERY_CHUNK], k, block_size)
         out_d[lo:lo + len(d)] = d
         out_i[lo:lo + len(i)] = i
     return out_d, out_i
+
+
+def _batched_kernel():
+    """faiss's exact brute-force search where installed (measured 2.3x faster than the pruned
+    numpy kernel for 1000 queries on 1M entries, BENCHMARKS.md), else the pruned kernel."""
+    if _USE_FAISS:
+        try:
+            import faiss  # noqa: F401
+            return _knn_chunk_faiss
+        except ImportError:
+            pass
+    return _knn_chunk_pruned
+
+
+def _knn_chunk_faiss(gallery, g_norms, queries, k, block_size):
+    import faiss
+
+    keep = min(gallery.shape[0], k + _EXTRA)
+    _, cand = faiss.knn(np.ascontiguousarray(queries), np.ascontiguousarray(gallery), keep)
+    cand = cand.astype(np.int64)
+    exact = _exact_distances(gallery, queries, cand)
+    order = np.lexsort((cand, exact), axis=1)[:, :k]
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(cand, order, axis=1)
 
 
 def _knn_chunk_pruned(gallery, g_norms, queries, k, block_size):

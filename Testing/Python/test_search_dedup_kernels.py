@@ -11,8 +11,11 @@ from subject_fingerprint.dedup.engine import close_pairs
 from subject_fingerprint.distances import euclidean
 
 
-@pytest.mark.parametrize("block", [None, 37])
-def test_pruned_knn_matches_brute_force(block):
+@pytest.mark.parametrize("block,use_faiss", [(None, False), (37, False), (None, True)])
+def test_pruned_knn_matches_brute_force(block, use_faiss, monkeypatch):
+    if use_faiss:
+        pytest.importorskip("faiss")
+    monkeypatch.setattr(search, "_USE_FAISS", use_faiss)
     rng = np.random.default_rng(3)
     gallery = rng.standard_normal((1500, 16)).astype(np.float32)
     gallery[700:710] = gallery[0]  # exact ties: ordered by gallery index
