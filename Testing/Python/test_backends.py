@@ -86,3 +86,17 @@ def test_batch_of_eight_matches_batch_of_one(model, one_torch_thread):
     together = embedder.embed_tensor(x).numpy()
     alone = np.concatenate([embedder.embed_tensor(x[i:i + 1]).numpy() for i in range(8)])
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_large_cpu_batches_run_in_smaller_passes(model, monkeypatch, one_torch_thread):
+    import subject_fingerprint.embed as embed_module
+
+    embedder = Embedder(model, device="cpu", progress=False)
+    x = backends.check_batch(model, 5)
+    whole = embedder.embed_tensor(x).numpy()
+    calls = []
+    runner = embedder.runner
+    embedder._choice.runner = lambda t: (calls.append(len(t)), runner(t))[1]
+    monkeypatch.setattr(embed_module, "_CPU_VOXELS_PER_PASS", 2 * 32 * 32)
+    np.testing.assert_allclose(embedder.embed_tensor(x).numpy(), whole, rtol=1e-4, atol=1e-5)
+    assert calls == [2, 2, 1] and embedder.embedded_count == 10
