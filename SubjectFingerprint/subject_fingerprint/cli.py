@@ -20,11 +20,22 @@ from . import __version__
 from .csvsafe import SafeDictWriter, printable
 from .errors import EXIT_ERROR, EXIT_FOUND, EXIT_OK, FingerprintError
 
+# Before torch is imported: OpenMP threads that spin while waiting made inference 2-10x
+# slower on a loaded machine (BENCHMARKS.md); on a quiet one PASSIVE costs about 1.2x.
+# A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-def _common_model_args(parser: argparse.ArgumentParser) -> None:
+
+def _common_model_args(parser: argparse.ArgumentParser, backend: str = "auto") -> None:
     parser.add_argument("--model", help="model checkpoint (.pt); default: the bundled starter model")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--backend", default=backend,
+                        choices=("auto", "torch", "bf16", "onnx", "onnx-int8"),
+                        help=f"inference backend (default {backend}); auto times torch, bf16 "
+                             "(CPUs with bf16 units) and ONNX Runtime on a check batch and keeps "
+                             "the fastest whose embeddings match float32; onnx-int8 only on "
+                             "request")
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], out=None) -> None:
@@ -62,7 +73,9 @@ def _add_index(sub) -> None:
     p.add_argument("--dataset", default="", help="dataset name stored with each entry")
     p.add_argument("--manifest", help="CSV with subject_id,image_path[,modality,view]")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers that decode images")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes that decode images while the model runs "
+                        "(default: one per CPU core; 0 decodes in the main process)")
     p.add_argument("--keep-duplicates", action="store_true",
                    help="store images whose pixels are already in the library")
     p.add_argument("--transactional", action="store_true",
@@ -73,12 +86,20 @@ def _add_index(sub) -> None:
 
 
 def _run_index(args) -> int:
+    from .distributed_index import index_distributed, world_size
     from .lookup import index
 
-    report = index(args.sources, args.library, model=args.model, dataset=args.dataset,
-                   manifest=args.manifest, device=args.device, batch_size=args.batch_size,
-                   num_workers=args.workers, skip_duplicates=not args.keep_duplicates,
-                   progress=not args.json, transactional=args.transactional)
+    options = dict(model=args.model, dataset=args.dataset, manifest=args.manifest,
+                   batch_size=args.batch_size, num_workers=args.workers,
+                   skip_duplicates=not args.keep_duplicates, progress=not args.json,
+                   transactional=args.transactional, backend=args.backend)
+    if world_size() > 1:  # started by torchrun: this rank's share, rank 0 merges and reports
+        report, rank = index_distributed(args.sources, args.library, device=args.device,
+                                         **options)
+        if rank != 0:
+            return EXIT_FOUND if report.failures else EXIT_OK
+    else:
+        report = index(args.sources, args.library, device=args.device, **options)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -86,8 +107,8 @@ def _run_index(args) -> int:
             print(f"note: {printable(notice)}", file=sys.stderr)
         not_images = f", {len(report.not_images)} not an image" if report.not_images else ""
         print(f"{report.added} image(s) added to {args.library}, {report.duplicates} exact "
-              f"duplicate(s) skipped{not_images}, {len(report.failures)} failure(s), "
-              f"{report.seconds:.1f} s")
+              f"duplicate(s) skipped{not_images}, {report.embedded} embedded ({report.backend}), "
+              f"{len(report.failures)} failure(s), {report.seconds:.1f} s")
         if report.not_images:
             print(f"{len(report.not_images)} file(s) skipped as not an image:", file=sys.stderr)
             for item in report.not_images:
@@ -112,7 +133,8 @@ def _add_query(sub) -> None:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON list, one object per query")
     fmt.add_argument("--csv", action="store_true", help="CSV, one row per candidate subject")
-    _common_model_args(p)
+    # A few query images: the check batch of auto would cost more than it saves.
+    _common_model_args(p, backend="torch")
     p.set_defaults(func=_run_query)
 
 
@@ -132,7 +154,8 @@ def _run_query(args) -> int:
         raise FingerprintError("none of the images to query exists")
     notices: list = []
     results = query(present, args.library, model=args.model, k=args.k,
-                    device=args.device, failures=failures, notices=notices)
+                    device=args.device, failures=failures, notices=notices,
+                    backend=args.backend)
     for notice in notices:
         print(f"note: {printable(notice)}", file=sys.stderr)
     answers = [{"query": r.query, **r.to_dict()} for r in results]
@@ -184,6 +207,15 @@ def _add_library(sub) -> None:
     rm.add_argument("--image", action="append", default=[], help="image ID (repeatable)")
     rm.set_defaults(func=_run_library_remove)
 
+    mg = lib_sub.add_parser("merge", help="append libraries to one library (atomic)",
+                            description="Append the entries of every SOURCE library, in order, "
+                                        "to the --into library in one atomic write.")
+    mg.add_argument("sources", nargs="+", metavar="SOURCE")
+    mg.add_argument("--into", required=True, help="target library (.h5); created if missing")
+    mg.add_argument("--keep-duplicates", action="store_true",
+                    help="also append entries whose pixels are already in the target")
+    mg.set_defaults(func=_run_library_merge)
+
 
 def _run_library_info(args) -> int:
     from .library import EmbeddingLibrary
@@ -233,6 +265,15 @@ def _run_library_remove(args) -> int:
     with EmbeddingLibrary.open(args.library, mode="a") as lib:
         removed = lib.remove(subject_ids=args.subject, image_ids=args.image)
     print(f"{removed} entr{'y' if removed == 1 else 'ies'} removed from {args.library}")
+    return EXIT_OK
+
+
+def _run_library_merge(args) -> int:
+    from .library import merge_libraries
+
+    result = merge_libraries(args.sources, args.into, skip_duplicates=not args.keep_duplicates)
+    print(f"{result.added} entr{'y' if result.added == 1 else 'ies'} merged into {args.into}, "
+          f"{len(result.duplicates)} exact duplicate(s) skipped")
     return EXIT_OK
 
 

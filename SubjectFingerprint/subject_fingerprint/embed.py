@@ -2,12 +2,14 @@
 
 Decoding and preprocessing run in a ``torch.utils.data.DataLoader`` (optionally with worker
 processes) so the network never waits on disk; an image that cannot be read or does not fit
-the model becomes a ``Failure`` and the run goes on.
+the model becomes a ``Failure`` and the run goes on. An image whose content hash is in
+``skip_hashes`` (already in the library) is reported as skipped right after decoding, before
+preprocessing and the network. The network runs through a backend from :mod:`.backends`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +17,9 @@ import numpy as np
 from .model import check_image_fits
 from .errors import Failure, FingerprintError
 from .records import LoadedImage
+
+
+_CPU_VOXELS_PER_PASS = 1 << 18
 
 
 @dataclass
@@ -25,6 +30,9 @@ class EmbeddedBatch:
     content_hashes: list = field(default_factory=list)
     embeddings: np.ndarray = None
     failures: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (record, content hash) already stored
+    decode_seconds: float = 0.0  # decode + preprocess time summed over the items
+    model_seconds: float = 0.0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -44,24 +52,29 @@ class _RecordDataset:
     into worker processes; the network stays in the main process.
     """
 
-    def __init__(self, records, preprocessing, spatial_dims, modalities, loader):
+    def __init__(self, records, preprocessing, spatial_dims, modalities, loader,
+                 skip_hashes=None):
         self.records = list(records)
         self.preprocessing = preprocessing
         self.spatial_dims = spatial_dims
         self.modalities = list(modalities)
         self.loader = loader
+        self.skip_hashes = skip_hashes or frozenset()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index):
         record = self.records[index]
+        started = time.perf_counter()
         try:
             loader = self.loader or _default_loader
             loaded = loader(record)
+            if loaded.content_hash and loaded.content_hash in self.skip_hashes:
+                return _Skipped(record, loaded.content_hash, time.perf_counter() - started)
             check_image_fits(loaded, self.spatial_dims, self.modalities)
             array = self.preprocessing.apply(loaded)
-            return array, record, loaded.content_hash
+            return array, record, loaded.content_hash, time.perf_counter() - started
         except Exception as exc:  # one bad image must not stop the run
             source = getattr(record, "source", record)
             if isinstance(exc, FingerprintError) and not getattr(exc, "reason", None):
@@ -70,54 +83,95 @@ class _RecordDataset:
             return Failure.from_exception(source, exc)
 
 
+@dataclass
+class _Skipped:
+    record: object
+    content_hash: str
+    seconds: float
+
+
 def _collate(items):
-    """Stack the good items, keep the failures aside (the default collate cannot)."""
+    """Stack the good items, keep the failures and skipped ones aside (the default collate
+    cannot)."""
     import torch
 
-    good = [item for item in items if not isinstance(item, Failure)]
+    good = [item for item in items if isinstance(item, tuple)]
     failures = [item for item in items if isinstance(item, Failure)]
+    skipped = [item for item in items if isinstance(item, _Skipped)]
     inputs = torch.from_numpy(np.stack([g[0] for g in good])) if good else None
     return {
         "inputs": inputs,
         "records": [g[1] for g in good],
         "hashes": [g[2] for g in good],
         "failures": failures,
+        "skipped": [(s.record, s.content_hash) for s in skipped],
+        "decode_seconds": sum(g[3] for g in good) + sum(s.seconds for s in skipped),
     }
 
 
 class Embedder:
     """Runs a ``FingerprintModel`` over records, loaded images or tensors.
 
-    The network is moved to the chosen device once, put in eval mode and run under
-    ``torch.inference_mode``; on CUDA with float16 autocast. ``device_notice`` holds the
-    message from ``resolve_device`` (e.g. "CUDA is not available; using the CPU") or None.
+    The network runs through one of :data:`~subject_fingerprint.backends.BACKENDS`
+    (``backend``; ``"auto"`` measures the candidates on a check batch when the Embedder is made
+    and keeps the fastest that matches float32). ``device_notice`` holds the message from
+    ``resolve_device`` (e.g. "CUDA is not available; using the CPU") or None;
+    ``backend_choice`` what the check measured.
     """
 
     def __init__(self, model, device="auto", batch_size: int = 16, num_workers: int = 0,
-                 loader=None, progress: bool = True, amp: bool = True, channels_last: bool = False):
+                 loader=None, progress: bool = True, amp: bool = True,
+                 channels_last: bool = True, backend: str = "torch"):
         """``loader(record) -> LoadedImage`` defaults to ``subject_fingerprint.io.load_image``
-        (tests inject their own). ``amp`` allows float16 autocast on CUDA (never used on
-        the CPU, where it is slower); ``channels_last`` stores activations NHWC/NDHWC,
-        which some CPUs and GPUs run faster (see Testing/benchmark_inference.py)."""
-        import torch
-
+        (tests inject their own). ``amp`` allows float16 autocast on CUDA with the torch
+        backend; ``channels_last`` stores activations NHWC/NDHWC for the torch backends (on
+        the CPU the NCHW path is 1.1-1.7x slower and slower per image at batch 8 than at 1).
+        ``num_workers=None`` sizes the decoding workers to the cores."""
+        from .backends import cpu_cores
         from .device import resolve_device
 
         self.model = model
         self.device, self.device_notice = resolve_device(device)
         self.batch_size = max(1, int(batch_size))
+        if num_workers is None:
+            num_workers = cpu_cores() if cpu_cores() > 1 else 0
         self.num_workers = max(0, int(num_workers))
         self.loader = loader
         self.progress = progress
         self.amp = bool(amp)
-        self.memory_format = None
-        if channels_last:
-            self.memory_format = (torch.channels_last if model.spatial_dims == 2
-                                  else torch.channels_last_3d)
+        self.embedded_count = 0  # images that went through the network
+        self._backend_request = backend or "torch"
+        self._channels_last = channels_last
+        self._choice = None
         # The Embedder owns the network from here on: on its device, in eval mode.
-        self.network = model.network.to(self.device).eval()
-        if self.memory_format is not None:
-            self.network = self.network.to(memory_format=self.memory_format)
+        self.network = model.network
+        if self._backend_request != "auto":
+            self.backend_choice  # an impossible explicit backend fails here, not mid-run
+
+    @property
+    def backend_choice(self):
+        """The backend in use; ``auto`` is decided on first use, so a run that finds every
+        image already stored never pays for the check."""
+        from .backends import Choice, TorchRunner, choose
+
+        if self._choice is None:
+            request = self._backend_request
+            if request == "torch" and not (self.amp and self.device.type == "cuda"):
+                runner = TorchRunner(self.model.network, self.device, self.model.spatial_dims,
+                                     channels_last=self._channels_last)
+                self._choice = Choice(runner, "torch")
+            else:
+                self._choice = choose(self.model, request, self.device)
+        return self._choice
+
+    @property
+    def runner(self):
+        return self.backend_choice.runner
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use ("auto" until it is decided)."""
+        return self._choice.name if self._choice is not None else self._backend_request
 
     @property
     def embedding_dim(self) -> int:
@@ -126,30 +180,34 @@ class Embedder:
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.embedding_dim), dtype=np.float32)
 
-    def _autocast(self):
-        import torch
-
-        if self.device.type == "cuda" and self.amp:
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def embed_tensor(self, x):
         """Embed a ready batch ``(B, 1, *size)``; returns a float32 CPU tensor ``(B, D)``."""
         import torch
 
-        x = x.to(self.device, non_blocking=True)
-        if self.memory_format is not None:
-            x = x.contiguous(memory_format=self.memory_format)
-        with torch.inference_mode(), self._autocast():
-            out = self.network(x)
-        return out.float().cpu()
+        self.embedded_count += int(x.shape[0])
+        step = self.pass_size(x)
+        if step >= x.shape[0]:
+            return self.runner(x)
+        return torch.cat([self.runner(x[i:i + step]) for i in range(0, x.shape[0], step)])
 
-    def iter_batches(self, records):
-        """Yield one ``EmbeddedBatch`` per ``batch_size`` records, in record order."""
+    def pass_size(self, x) -> int:
+        """Images per forward pass. On the CPU a pass is capped at 2^18 input voxels (one
+        512x512 image): above that the activations leave the cache and batch 8 measured
+        slower per image than batch 1 with every backend (BENCHMARKS.md)."""
+        if self.device.type != "cpu":
+            return int(x.shape[0])
+        voxels = int(np.prod(x.shape[1:]))
+        return max(1, _CPU_VOXELS_PER_PASS // max(1, voxels))
+
+    def iter_batches(self, records, skip_hashes=None):
+        """Yield one ``EmbeddedBatch`` per ``batch_size`` records, in record order.
+
+        Images whose content hash is in ``skip_hashes`` (a set of str) are not embedded;
+        they come back in ``EmbeddedBatch.skipped``."""
         from torch.utils.data import DataLoader
 
         dataset = _RecordDataset(records, self.model.preprocessing, self.model.spatial_dims,
-                                 self.model.modalities, self.loader)
+                                 self.model.modalities, self.loader, skip_hashes)
         if len(dataset) == 0:
             return
         loader = DataLoader(
@@ -162,11 +220,14 @@ class Embedder:
             prefetch_factor=2 if self.num_workers else None,
         )
         for batch in loader:
+            started = time.perf_counter()
             if batch["inputs"] is not None:
                 embeddings = self.embed_tensor(batch["inputs"]).numpy().astype(np.float32, copy=False)
             else:
                 embeddings = self._empty()
-            yield EmbeddedBatch(batch["records"], batch["hashes"], embeddings, batch["failures"])
+            yield EmbeddedBatch(batch["records"], batch["hashes"], embeddings, batch["failures"],
+                                batch["skipped"], batch["decode_seconds"],
+                                time.perf_counter() - started)
 
     def embed_records(self, records, progress=None) -> EmbeddedBatch:
         """Embed every record; one ``EmbeddedBatch`` with everything that worked.

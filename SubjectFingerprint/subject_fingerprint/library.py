@@ -966,3 +966,44 @@ class EmbeddingLibrary:
         self._work = new
         self._h5 = h5py.File(new, "r+", locking=False)
         self._invalidate()
+
+
+# -- merging -----------------------------------------------------------------------------------
+
+def merge_libraries(sources: Sequence, into, skip_duplicates: bool = True,
+                    lock_timeout: float = DEFAULT_LOCK_TIMEOUT, rows_per_step: int = 1 << 16):
+    """Append every entry of the libraries ``sources`` (in order) to ``into``, in one write
+    session: the target is replaced atomically at the end, or left as it was on any error.
+
+    All libraries must come from the same model; the target is created with the first source's
+    model if missing. Exact duplicates (same content hash) are skipped unless
+    ``skip_duplicates=False``. Returns the ``AddResult`` summed over the sources.
+    """
+    from types import SimpleNamespace
+
+    sources = [Path(s) for s in sources]
+    if not sources:
+        raise LibraryError("library merge: no source libraries given")
+    first = EmbeddingLibrary.open(sources[0], "r")
+    try:
+        model = SimpleNamespace(model_id=first.model_id, metadata=first.model_metadata,
+                                embedding_dim=first.embedding_dim)
+    finally:
+        first.close()
+    total = AddResult()
+    with EmbeddingLibrary.open(into, "a", model=model, lock_timeout=lock_timeout) as target:
+        for src_path in sources:
+            if src_path.resolve() == target.path.resolve():
+                raise LibraryError(f"library merge: {src_path} is the target itself")
+            with EmbeddingLibrary.open(src_path, "r", model=model) as src:
+                for lo in range(0, len(src), rows_per_step):
+                    rows = np.arange(lo, min(len(src), lo + rows_per_step))
+                    cols = {c: src.column(c, rows) for c in STRING_COLUMNS + ("content_hash",)}
+                    records = [SimpleNamespace(**{c: cols[c][i] for c in STRING_COLUMNS})
+                               for i in range(len(rows))]
+                    part = target.add(records, cols["content_hash"].tolist(),
+                                      src.embeddings[lo:lo + len(rows)],
+                                      skip_duplicates=skip_duplicates)
+                    total.added += part.added
+                    total.duplicates.extend(part.duplicates)
+    return total

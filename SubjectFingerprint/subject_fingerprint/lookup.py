@@ -27,6 +27,8 @@ class IndexReport:
 
     added: int = 0
     duplicates: int = 0
+    embedded: int = 0  # images that went through the network (0 when all were stored)
+    backend: str = ""
     failures: List[Failure] = field(default_factory=list)
     # DICOM objects that hold no image (SR, KO, presentation states, DICOMDIR): not failures.
     not_images: List[Failure] = field(default_factory=list)
@@ -40,6 +42,8 @@ class IndexReport:
             "discovered": self.discovered,
             "added": self.added,
             "duplicates": self.duplicates,
+            "embedded": self.embedded,
+            "backend": self.backend,
             "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
             "not_images": [{"path": f.path, "reason": f.reason} for f in self.not_images],
             "notices": list(self.notices),
@@ -77,7 +81,13 @@ def _progress_reporter(progress, total: int, desc: str):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-        return (lambda n, message="": bar.update(n)), bar.close
+
+        def update(n, message=""):
+            if message:
+                bar.set_postfix_str(message, refresh=False)
+            bar.update(n)
+
+        return update, bar.close
     return (lambda n, message="": None), lambda: None
 
 
@@ -95,6 +105,9 @@ def index(
     cancel: Optional[Callable[[], bool]] = None,
     transactional: bool = False,
     commit_overhead: float = 0.1,
+    backend: str = "torch",
+    shard: Optional[tuple] = None,
+    known_hashes: Optional[frozenset] = None,
 ) -> IndexReport:
     """Embed every image found under ``sources`` and add it to the library file ``library``.
 
@@ -103,6 +116,13 @@ def index(
     commits spaced so that copying costs at most ``commit_overhead`` of the time), so a long run
     that dies keeps most of what it finished. With ``transactional=True`` nothing is published
     until every image is embedded: a cancelled or killed run leaves the library as it was.
+
+    Content hashes already in the library are checked right after decoding, so re-indexing a
+    folder embeds nothing that is stored (unless ``skip_duplicates=False``). ``backend`` is
+    one of :data:`subject_fingerprint.backends.BACKENDS`; ``num_workers=None`` sizes the
+    decoding workers to the cores. ``shard=(rank, world)`` indexes only the rank-th of world
+    contiguous slices of the images (the torchrun path, :mod:`.distributed_index`), and
+    ``known_hashes`` are content hashes to skip besides those in ``library``.
     """
     from .embed import Embedder
     from .io import discover
@@ -111,18 +131,40 @@ def index(
     started = time.perf_counter()
     fmodel = resolve_model(model)
     found = discover([str(s) for s in sources], manifest=manifest, dataset=dataset)
-    report = IndexReport(discovered=len(found.records), failures=list(found.failures),
-                         not_images=list(found.skipped), notices=list(found.notices))
-    update, close = _progress_reporter(progress, len(found.records), "embedding")
-    embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers)
+    records = found.records
+    if shard is not None:
+        rank, world = shard
+        n = len(records)
+        records = records[rank * n // world:(rank + 1) * n // world]
+    # What discovery found wrong (unreadable files, non-images, notices) is reported once,
+    # by the first shard.
+    first = not shard or shard[0] == 0
+    report = IndexReport(discovered=len(records),
+                         failures=list(found.failures) if first else [],
+                         not_images=list(found.skipped) if first else [],
+                         notices=list(found.notices) if first else [])
+    embedder = Embedder(fmodel, device=device, batch_size=batch_size, num_workers=num_workers,
+                        backend=backend)
+    update, close = _progress_reporter(progress, len(records), "embedding")
+    decode_s = model_s = 0.0
+    decoded = 0
 
     # The library is copy-on-write: each commit publishes a new file atomically.
     with EmbeddingLibrary.open(library, mode="a", model=fmodel) as lib:
+        known = None
+        if skip_duplicates and (len(lib) or known_hashes):
+            known = frozenset(h for h in lib.column("content_hash").tolist() if h)
+            known = known | frozenset(known_hashes or ())
         try:
-            for batch in embedder.iter_batches(found.records):
+            for batch in embedder.iter_batches(records, skip_hashes=known):
                 if cancel is not None and cancel():
                     raise Cancelled("cancelled by the user")
                 report.failures.extend(batch.failures)
+                report.duplicates += len(batch.skipped)
+                report.embedded += len(batch.records)
+                decoded += len(batch.records) + len(batch.skipped)
+                decode_s += batch.decode_seconds
+                model_s += batch.model_seconds
                 if len(batch.records):
                     result = lib.add(batch.records, batch.content_hashes, batch.embeddings,
                                      skip_duplicates=skip_duplicates)
@@ -130,7 +172,12 @@ def index(
                     report.duplicates += len(result.duplicates)
                 if not transactional:
                     lib.maybe_commit(commit_overhead)
-                update(len(batch.records) + len(batch.failures), f"{report.added} added")
+                # Decode runs in parallel workers: its rate is per worker times the workers.
+                workers = max(1, embedder.num_workers)
+                rates = (f"decode {workers * decoded / max(decode_s, 1e-9):.0f} img/s, "
+                         f"model {report.embedded / model_s if model_s else 0:.0f} img/s, "
+                         f"{report.added} added")
+                update(len(batch.records) + len(batch.failures) + len(batch.skipped), rates)
         except Cancelled:
             report.cancelled = True
             if transactional:
@@ -138,6 +185,7 @@ def index(
                 report.added = report.duplicates = 0
         finally:
             close()
+    report.backend = embedder.backend
     report.seconds = time.perf_counter() - started
     logger.info("indexed %d images into %s in %.1f s (%d duplicates, %d failures)",
                 report.added, library, report.seconds, report.duplicates, len(report.failures))
@@ -173,6 +221,7 @@ def query(
     device: str = "auto",
     failures: Optional[List[Failure]] = None,
     notices: Optional[List[str]] = None,
+    backend: str = "torch",
 ):
     """Rank the library's images and subjects for each query image.
 
@@ -211,7 +260,7 @@ def query(
             loaded.append(item)
         if not loaded:
             return []
-        embeddings = Embedder(fmodel, device=device).embed_loaded(loaded)
+        embeddings = Embedder(fmodel, device=device, backend=backend).embed_loaded(loaded)
         results = rank(lib, embeddings, k=k, calibration=fmodel.calibration)
     for name, result in zip(names, results):
         result.query = name

@@ -45,3 +45,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _export_cache(tmp_path_factory):
+    """ONNX exports made by tests go to a temporary folder, not the user's cache."""
+    os.environ.setdefault("SUBJECT_FINGERPRINT_CACHE", str(tmp_path_factory.mktemp("sf-cache")))
+    yield

@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..distances import row_distances
+
 BLOCK = 4096  # rows per block: a 4096 x 4096 float32 block of distances is 64 MiB
 
 
@@ -59,29 +61,37 @@ def close_pairs(x: np.ndarray, y: np.ndarray, threshold: float, same: bool = Fal
                 block: int = BLOCK):
     """Index pairs (i, j) with ||x_i - y_j|| <= threshold, and their distances.
 
-    Works block by block (squared-norm expansion, float32 matrix products); with ``same``
-    (x is y) only pairs i < j are returned.
+    Works block by block: one float32 GEMM per block written into a reused buffer, then two
+    in-place passes (``q.g - |g|^2/2`` compared with ``(|q|^2 - t^2)/2``), so there are no
+    per-block temporaries; the few survivors are re-measured exactly in float64. With
+    ``same`` (x is y) only pairs i < j are returned, and blocks below the diagonal are skipped.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.ascontiguousarray(y, dtype=np.float32)
-    xn = np.einsum("ij,ij->i", x, x)
-    yn = np.einsum("ij,ij->i", y, y)
     limit = float(threshold) ** 2
+    # A small tolerance: the expansion loses a little precision near zero.
+    slack = limit + 1e-4 * max(limit, 1.0)
+    half_yn = 0.5 * np.einsum("ij,ij->i", y, y)
+    bound_x = 0.5 * (np.einsum("ij,ij->i", x, x) - slack)  # pair kept if x.y - |y|^2/2 >= it
+    rows_x = max(1, min(int(block), len(x)))
+    rows_y = max(1, min(int(block) * 4, len(y)))  # wide blocks: the K=128 GEMM runs faster
+    buf = np.empty((rows_x, rows_y), dtype=np.float32)
     found_i, found_j, found_d = [], [], []
-    for s in range(0, len(x), block):
-        xb, xbn = x[s:s + block], xn[s:s + block]
+    for s in range(0, len(x), rows_x):
+        xb = x[s:s + rows_x]
         start_j = s if same else 0
-        for t in range(start_j, len(y), block):
-            d2 = xbn[:, None] + yn[None, t:t + block] - 2.0 * (xb @ y[t:t + block].T)
-            # A small tolerance: the expansion loses a little precision near zero.
-            ii, jj = np.nonzero(d2 <= limit + 1e-4 * max(limit, 1.0))
+        for t in range(start_j, len(y), rows_y):
+            out = buf[:len(xb), :min(rows_y, len(y) - t)]
+            np.matmul(xb, y[t:t + rows_y].T, out=out)
+            out -= half_yn[t:t + rows_y]
+            ii, jj = np.nonzero(out >= bound_x[s:s + rows_x, None])
             ii, jj = ii + s, jj + t
             if same:
                 keep = ii < jj
                 ii, jj = ii[keep], jj[keep]
             if len(ii):
                 # Recompute the few survivors exactly so reported distances are precise.
-                d = np.linalg.norm(x[ii].astype(np.float64) - y[jj].astype(np.float64), axis=1)
+                d = row_distances(x, y, ii, jj)
                 keep = d <= threshold
                 found_i.append(ii[keep])
                 found_j.append(jj[keep])

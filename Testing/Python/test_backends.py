@@ -1,0 +1,102 @@
+"""Inference backends: each matches eager float32, auto picks one that does, exports are cached
+per model ID, the CPU flags decide whether bf16 is offered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from subject_fingerprint import backends
+from subject_fingerprint.checkpoint import FingerprintModel
+from subject_fingerprint.embed import Embedder
+from subject_fingerprint.preprocess import Preprocessing
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return FingerprintModel.create(2, depth=10, embedding_dim=16,
+                                   preprocessing=Preprocessing(spatial_dims=2, size=(32, 32)))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBJECT_FINGERPRINT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _reference(model, x):
+    return backends.TorchRunner(model.network, torch.device("cpu"), 2, channels_last=False)(x)
+
+
+@pytest.mark.parametrize("name,cosine", [("torch", 0.99999), ("onnx", 0.99999),
+                                         ("bf16", backends.MIN_COSINE),
+                                         ("onnx-int8", 0.99)])
+def test_each_backend_matches_float32(model, cache, name, cosine, one_torch_thread):
+    if name == "bf16" and not backends.cpu_has_bf16():
+        with pytest.raises(ValueError, match="no bfloat16 units"):
+            backends.make_runner(model, name, torch.device("cpu"))
+        return
+    x = backends.check_batch(model, 3)
+    out = backends.make_runner(model, name, torch.device("cpu"))(x)
+    assert out.shape == (3, 16) and out.dtype == torch.float32
+    assert backends.min_cosine(_reference(model, x).numpy(), out.numpy()) >= cosine
+
+
+def test_export_cached_per_model_id(model, cache, one_torch_thread):
+    path = backends.export_onnx(model)
+    assert path.parent.parent == cache and model.model_id in path.name
+    stamp = path.stat().st_mtime_ns
+    assert backends.export_onnx(model) == path and path.stat().st_mtime_ns == stamp
+    other = FingerprintModel.create(2, depth=10, embedding_dim=16,
+                                    preprocessing=Preprocessing(spatial_dims=2, size=(32, 32)))
+    assert backends.export_path(other) != path  # different weights, different file
+    assert not list(cache.rglob("*.tmp-*"))
+
+
+def test_auto_picks_a_matching_backend(model, cache, one_torch_thread):
+    choice = backends.choose(model, "auto", torch.device("cpu"))
+    assert choice.name in backends.auto_candidates(torch.device("cpu"))
+    assert choice.name != "onnx-int8"
+    assert choice.cosines.get(choice.name, 1.0) >= backends.MIN_COSINE
+    assert set(choice.timings) | set(choice.rejected) == set(backends.auto_candidates(
+        torch.device("cpu")))
+    embedder = Embedder(model, device="cpu", backend="auto", progress=False)
+    x = backends.check_batch(model, 4)
+    assert backends.min_cosine(_reference(model, x).numpy(),
+                               embedder.embed_tensor(x).numpy()) >= backends.MIN_COSINE
+
+
+def test_bf16_offered_only_with_the_cpu_flag(monkeypatch):
+    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "fma"})
+    assert "bf16" not in backends.auto_candidates(torch.device("cpu"))
+    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert "bf16" in backends.auto_candidates(torch.device("cpu"))
+
+
+def test_unknown_backend_is_refused(model):
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.choose(model, "tensorrt", torch.device("cpu"))
+
+
+def test_batch_of_eight_matches_batch_of_one(model, one_torch_thread):
+    embedder = Embedder(model, device="cpu", progress=False)
+    x = backends.check_batch(model, 8)
+    together = embedder.embed_tensor(x).numpy()
+    alone = np.concatenate([embedder.embed_tensor(x[i:i + 1]).numpy() for i in range(8)])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_large_cpu_batches_run_in_smaller_passes(model, monkeypatch, one_torch_thread):
+    import subject_fingerprint.embed as embed_module
+
+    embedder = Embedder(model, device="cpu", progress=False)
+    x = backends.check_batch(model, 5)
+    whole = embedder.embed_tensor(x).numpy()
+    calls = []
+    runner = embedder.runner
+    embedder._choice.runner = lambda t: (calls.append(len(t)), runner(t))[1]
+    monkeypatch.setattr(embed_module, "_CPU_VOXELS_PER_PASS", 2 * 32 * 32)
+    np.testing.assert_allclose(embedder.embed_tensor(x).numpy(), whole, rtol=1e-4, atol=1e-5)
+    assert calls == [2, 2, 1] and embedder.embedded_count == 10

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Does int8 (ONNX Runtime, int8 weights) keep the starter model's retrieval figures?
+
+Embeds the ChestX-ray14 test split (committed split) and the Kermany paediatric set (all
+subjects with 2+ images) with eager float32 and with every other backend, and prints the
+retrieval figures side by side with their difference in points (not a test). The issue's rule:
+int8 is acceptable for a model only where every figure moves by at most 0.5 points.
+
+    python Testing/benchmark_int8_retrieval.py [--backends bf16,onnx,onnx-int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def subsets(model):
+    from fingerprint_training.data import preload
+    from fingerprint_training.splits import load_split, records_in
+    from subject_fingerprint.io import discover
+
+    nih = DATA / "cxr14-subset-64px"
+    found = discover([str(nih / "images")], manifest=str(nih / "manifest.csv"))
+    split = load_split(ROOT / "Resources" / "Splits" / "cxr14-subset-64px-seed42.json")
+    yield "NIH test split", preload(records_in(found.records, split, "test"), model.preprocessing,
+                                    progress=False)
+    ker = DATA / "kermany-peds-128px"
+    found = discover([str(ker / "images")], manifest=str(ker / "manifest.csv"))
+    counts = {}
+    for r in found.records:
+        counts[r.subject_id] = counts.get(r.subject_id, 0) + 1
+    chosen = [r for r in found.records if counts[r.subject_id] >= 2]
+    yield "Kermany (2+ images)", preload(chosen, model.preprocessing, progress=False)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from fingerprint_training import metrics as M
+    from subject_fingerprint import backends
+    from subject_fingerprint.checkpoint import default_model_path, load_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="bf16,onnx,onnx-int8")
+    args = parser.parse_args(argv)
+    model = load_checkpoint(default_model_path())
+    cpu = torch.device("cpu")
+    names = ["torch"] + args.backends.split(",")
+    runners = {}
+    for name in names:
+        try:
+            runners[name] = backends.make_runner(model, name, cpu)
+        except ValueError as exc:
+            print(f"({name}: {exc})", file=sys.stderr)
+    runners["torch"] = backends.TorchRunner(model.network, cpu, 2, channels_last=False)
+    print(f"Starter model {model.model_id}; retrieval figures in % (difference to float32 in points)\n")
+    for title, ds in subsets(model):
+        labels = np.array(ds.subject_ids())
+        figures = {}
+        for name, runner in runners.items():
+            emb = np.concatenate([runner(ds.images[i:i + 64]).numpy()
+                                  for i in range(0, len(ds.images), 64)])
+            figures[name] = M.retrieval_metrics(emb.astype(np.float64), labels)
+        keys = [k for k, v in figures["torch"].items() if isinstance(v, float)]
+        print(f"### {title}: {len(labels)} images\n")
+        print("| figure | " + " | ".join(runners) + " |")
+        print("|---|" + "---|" * len(runners))
+        worst = {n: 0.0 for n in runners}
+        for k in keys:
+            ref = 100 * figures["torch"][k]
+            cells = [f"{ref:.2f}"]
+            for n in list(runners)[1:]:
+                v = 100 * figures[n][k]
+                worst[n] = max(worst[n], abs(v - ref))
+                cells.append(f"{v:.2f} ({v - ref:+.2f})")
+            print(f"| {k} | " + " | ".join(cells) + " |")
+        print("\nlargest change in points: " + ", ".join(
+            f"{n} {worst[n]:.2f}" for n in list(runners)[1:]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""Issue 12's table in one run: each piece of work as the project does it, beside its
+alternative and the hardware limit measured in the same run (not a test).
+
+Rows: ResNet-50 inference (2D 512x512 at batch 1 and 8, 3D 78x120x120) for the old path
+(eager NCHW float32), every backend and ``auto``; ``index`` of the 1000 NIH PNGs against
+decode-and-preprocess alone, and a re-index; exact top-10 over 1M x 128 for one query and
+1000 queries against numpy matmul, torch and faiss; the all-pairs range search of dedup
+(100k x 100k plus both within-halves) against faiss and the GEMM limit. Limits: memory read
+bandwidth (numpy sum) and float32 GEMM GFLOP/s (numpy 4096^3), measured here.
+
+    python Testing/benchmark_machine.py [--only inference,index,query,dedup]
+        [--gallery 1000000] [--dedup 100000] [--repeat 2]
+
+Everything is timed best-of-``repeat`` (a shared machine: the best pass is nearest to the
+hardware); the load average is printed with each section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# As the command line does (cli.py), before torch is imported; a value set by the caller wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr14-subset-64px"
+
+
+def best(fn, repeat):
+    fn()  # warm-up
+    out = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t)
+    return out
+
+
+def load():
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+def gemm_gflops(repeat):
+    a = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)
+    return 2 * 4096 ** 3 / best(lambda: a @ a, repeat) / 1e9
+
+
+def bandwidth_gbs(x, repeat):
+    return x.nbytes / best(lambda: x.sum(), repeat) / 1e9
+
+
+def section_inference(repeat, shapes):
+    import torch
+
+    from subject_fingerprint import backends
+    from subject_fingerprint.checkpoint import FingerprintModel
+    from subject_fingerprint.embed import Embedder
+    from subject_fingerprint.preprocess import Preprocessing
+
+    cpu = torch.device("cpu")
+    print(f"\n### ResNet-50 inference, ms per image ({torch.get_num_threads()} threads, {load()})\n")
+    print("| input | batch | old path (eager NCHW fp32) | torch channels-last | bf16 | onnx | "
+          "onnx-int8 | auto picks | auto / old | Embedder (auto, passes of <= 2^18 voxels) | "
+          "min cosine to fp32 (bf16, onnx, int8) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for dims, size in shapes:
+        torch.manual_seed(0)
+        model = FingerprintModel.create(dims, depth=50, embedding_dim=128,
+                                        preprocessing=Preprocessing(spatial_dims=dims, size=size))
+        old = backends.TorchRunner(model.network, cpu, dims, channels_last=False)
+        runners = {"torch": backends.make_runner(model, "torch", cpu)}
+        for name in ("bf16", "onnx", "onnx-int8"):
+            try:
+                runners[name] = backends.make_runner(model, name, cpu)
+            except ValueError as exc:
+                print(f"({name}: {exc})", file=sys.stderr)
+        choice = backends.choose(model, "auto", cpu)
+        embedder = Embedder(model, device="cpu", backend="torch", progress=False)
+        embedder._choice = choice  # the decision just measured, not a second check
+        for batch in ((1, 8) if dims == 2 else (1,)):
+            x = backends.check_batch(model, batch)
+            ref = old(x).numpy()
+            t_old = best(lambda: old(x), repeat) / batch
+            times, cos = {}, {}
+            for name, runner in runners.items():
+                times[name] = best(lambda: runner(x), repeat) / batch
+                cos[name] = backends.min_cosine(ref, runner(x).numpy())
+            t_auto = times.get(choice.name, t_old)
+            t_emb = best(lambda: embedder.embed_tensor(x), repeat) / batch
+            cell = lambda n: f"{times[n] * 1e3:.0f}" if n in times else "-"  # noqa: E731
+            cosines = ", ".join(f"{cos[n]:.5f}" for n in ("bf16", "onnx", "onnx-int8") if n in cos)
+            print(f"| {dims}D {'x'.join(map(str, size))} | {batch} | {t_old * 1e3:.0f} | "
+                  f"{cell('torch')} | {cell('bf16')} | {cell('onnx')} | {cell('onnx-int8')} | "
+                  f"{choice.name} | {t_old / t_auto:.2f}x faster | {t_emb * 1e3:.0f} | {cosines} |")
+        print(f"auto's check batch: {choice.summary()}", file=sys.stderr)
+
+
+def section_index(repeat):
+    from subject_fingerprint.checkpoint import default_model_path, load_checkpoint
+    from subject_fingerprint.embed import _RecordDataset
+    from subject_fingerprint.io import discover
+    from subject_fingerprint.lookup import index
+
+    model = load_checkpoint(default_model_path())
+    found = discover([str(DATA / "images")], manifest=str(DATA / "manifest.csv"))
+    records = found.records
+    ds = _RecordDataset(records, model.preprocessing, model.spatial_dims, model.modalities, None)
+    decode = best(lambda: [ds[i] for i in range(len(ds))], repeat)
+    folder = Path(tempfile.mkdtemp(prefix="sf-bench-index-"))
+    rows = []
+    try:
+        for backend, workers in (("torch", 0), ("auto", None)):
+            times, report = [], None
+            for r in range(repeat):
+                lib = folder / f"{backend}-{r}.h5"
+                t = time.perf_counter()
+                report = index([str(DATA / "images")], lib, model=model, manifest=str(DATA / "manifest.csv"),
+                               device="cpu", num_workers=workers, backend=backend, progress=False)
+                times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            again = index([str(DATA / "images")], lib, model=model, manifest=str(DATA / "manifest.csv"),
+                          device="cpu", num_workers=workers, backend=backend, progress=False)
+            rows.append((backend, workers, min(times), report, time.perf_counter() - t, again))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"\n### `index` of {len(records)} NIH PNGs, starter model, model already loaded ({load()})\n")
+    print("| backend | decoding workers | index s | decode + preprocess alone s (1 process) | "
+          "index / decode | backend used | re-index s | re-index embedded |")
+    print("|---|---|---|---|---|---|---|---|")
+    for backend, workers, t, report, t_again, again in rows:
+        print(f"| {backend} | {'cores' if workers is None else workers} | {t:.2f} | {decode:.2f} | "
+              f"{t / decode:.2f} | {report.backend} | {t_again:.2f} | {again.embedded} |")
+
+
+def section_query(n, repeat):
+    import torch
+
+    from subject_fingerprint import search
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((n, 128), dtype=np.float32)
+    norms = np.einsum("ij,ij->i", g, g)
+    q = rng.standard_normal((1000, 128), dtype=np.float32)
+    gt, qt, nt = torch.from_numpy(g), torch.from_numpy(q), torch.from_numpy(norms)
+    bw, gf = bandwidth_gbs(g, repeat), gemm_gflops(repeat)
+    one = best(lambda: search.knn(g, q[:1], 10, gallery_sq_norms=norms), repeat)
+    one_np = best(lambda: g @ q[0], repeat)
+    many = best(lambda: search.knn(g, q, 10, gallery_sq_norms=norms), 1)
+    search._USE_FAISS = False
+    many_numpy = best(lambda: search.knn(g, q, 10, gallery_sq_norms=norms), 1)
+    search._USE_FAISS = True
+
+    def torch_many():
+        for s in range(0, n, 65536):
+            torch.topk(torch.addmm(nt[s:s + 65536], qt, gt[s:s + 65536].T, alpha=-2), 10,
+                       largest=False)
+
+    many_torch = best(torch_many, 1)
+    try:
+        import faiss
+
+        many_faiss = best(lambda: faiss.knn(q, g, 10), 1)
+    except ImportError:
+        many_faiss = float("nan")
+    print(f"\n### Exact top-10 in {n:,} x 128 float32 ({load()}; measured limits: read "
+          f"{bw:.1f} GB/s, numpy fp32 GEMM {gf:.0f} GFLOP/s)\n")
+    print("| work | project (search.knn) | alternative | limit | project / alternative | "
+          "project / limit |")
+    print("|---|---|---|---|---|---|")
+    lim_one = g.nbytes / (bw * 1e9)
+    print(f"| 1 query | {one * 1e3:.1f} ms | numpy matmul alone {one_np * 1e3:.1f} ms | "
+          f"{lim_one * 1e3:.1f} ms (read {g.nbytes / 2**20:.0f} MiB) | {one / one_np:.2f} | "
+          f"{one / lim_one:.2f} |")
+    lim_many = 2 * 1000 * n * 128 / (gf * 1e9)
+    print(f"| 1000 queries, per query | {many:.2f} ms | pruned numpy kernel {many_numpy:.2f} ms; "
+          f"torch addmm+topk {many_torch:.2f} ms; faiss.knn alone {many_faiss:.2f} ms | "
+          f"{lim_many:.2f} ms (GEMM) | {many / many_torch:.2f} (vs torch) | "
+          f"{many / lim_many:.2f} |")
+
+
+def section_dedup(n, repeat):
+    from subject_fingerprint.dedup.engine import close_pairs
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n, 128), dtype=np.float32)
+    b = rng.standard_normal((n, 128), dtype=np.float32)
+    b[:100] = a[:100] + 0.02 * rng.standard_normal((100, 128), dtype=np.float32)
+    threshold = 11.0  # random 128-d normals sit near 16; this keeps few chance pairs
+
+    def project():
+        return [close_pairs(a, b, threshold), close_pairs(a, a, threshold, same=True),
+                close_pairs(b, b, threshold, same=True)]
+
+    t0 = time.perf_counter()
+    ours = project()
+    t_ours = time.perf_counter() - t0
+    pairs = lambda r: set(zip(r[0].tolist(), r[1].tolist()))  # noqa: E731
+    gf = gemm_gflops(repeat)
+    flop = 2 * 128 * (n * n + 2 * n * n / 2)
+    try:
+        import faiss
+
+        def faiss_range(x, y, same):
+            index = faiss.IndexFlatL2(128)
+            index.add(y)
+            lims, dist, ids = index.range_search(x, threshold ** 2)
+            ii = np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
+            keep = ii < ids if same else np.ones(len(ii), bool)
+            return ii[keep], ids[keep]
+
+        t0 = time.perf_counter()
+        theirs = [faiss_range(a, b, False), faiss_range(a, a, True), faiss_range(b, b, True)]
+        t_faiss = time.perf_counter() - t0
+        same = all(pairs(o) == pairs(f) for o, f in zip(ours, theirs))
+    except ImportError:
+        t_faiss, same = float("nan"), "faiss absent"
+    n_pairs = sum(len(o[0]) for o in ours)
+    print(f"\n### Dedup all pairs, {n:,} x {n:,} plus both within-halves ({flop / 1e12:.2f} TFLOP, "
+          f"{load()}; numpy fp32 GEMM {gf:.0f} GFLOP/s here)\n")
+    print("| project (close_pairs) s | faiss range search s | GEMM limit s | project / faiss | "
+          "project / limit | pairs | same pairs as faiss |")
+    print("|---|---|---|---|---|---|---|")
+    limit = flop / (gf * 1e9)
+    print(f"| {t_ours:.1f} | {t_faiss:.1f} | {limit:.1f} | {t_ours / t_faiss:.2f} | "
+          f"{t_ours / limit:.2f} | {n_pairs} | {same} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="inference,index,query,dedup")
+    parser.add_argument("--gallery", type=int, default=1_000_000)
+    parser.add_argument("--dedup", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--no-3d", action="store_true", help="inference: only the 2D rows")
+    args = parser.parse_args(argv)
+    flags = sorted(f for f in __import__("subject_fingerprint.backends", fromlist=["x"]).cpu_flags()
+                   if f.startswith(("avx512", "avx_vnni", "amx", "avx2", "fma")))
+    print(f"CPU threads {os.cpu_count()}, flags: {' '.join(flags)}; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; {load()} at start; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    wanted = set(args.only.split(","))
+    if "inference" in wanted:
+        shapes = [(2, (512, 512))] + ([] if args.no_3d else [(3, (78, 120, 120))])
+        section_inference(args.repeat, shapes)
+    if "index" in wanted:
+        section_index(args.repeat)
+    if "query" in wanted:
+        section_query(args.gallery, args.repeat)
+    if "dedup" in wanted:
+        section_dedup(args.dedup, args.repeat)
+    print(f"\n{load()} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
