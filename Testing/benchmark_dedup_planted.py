@@ -61,6 +61,80 @@ def build(data: Path, split: Path, out: Path, max_subjects: int = 0):
     return planted
 
 
+def read_manifest(data: Path, subjects=None):
+    """{subject: [image paths]} of a manifest folder, only ``subjects`` when given."""
+    images = defaultdict(list)
+    with open(data / "manifest.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if subjects is None or row["subject_id"] in subjects:
+                images[row["subject_id"]].append(row["image_path"])
+    return images
+
+
+def build_sites(data: Path, out: Path, per_site: int, n_shared: int, n_copies: int = 1,
+                subjects=None, seed: int = 0):
+    """Two exports of ``per_site`` subjects each with a known answer.
+
+    ``n_shared`` subjects with two or more images are split across both exports (half of the
+    images each, two pseudonyms); the others are in one export only. ``n_copies`` images of
+    site-b are copied under a new patient ID in site-b (an exact duplicate). Returns
+    ``{"shared": {(pid a, pid b)}, "copies": {frozenset((pid, copy pid))}}``.
+    """
+    demo = _demo_module()
+    images = read_manifest(data, subjects)
+    rng = random.Random(seed)
+    multi = sorted(s for s, v in images.items() if len(v) >= 2)
+    rng.shuffle(multi)
+    shared = multi[:n_shared]
+    rest = sorted(set(images) - set(shared))
+    rng.shuffle(rest)
+    need = 2 * (per_site - n_shared)
+    if len(rest) < need:
+        raise ValueError(f"{data}: {len(images)} subjects, too few for two sites of {per_site}")
+    plan = {"a": [(s, images[s][: len(images[s]) // 2]) for s in shared],
+            "b": [(s, images[s][len(images[s]) // 2:]) for s in shared]}
+    for k, s in enumerate(rest[:need]):
+        plan["ab"[k % 2]].append((s, images[s]))
+    written = {}
+    for site, entries in plan.items():
+        for subject, paths in entries:
+            pid = demo.pseudonym(site, subject)
+            for k, rel in enumerate(paths):
+                pixels = np.asarray(Image.open(data / rel).convert("L"))
+                path = out / f"site-{site}" / pid / f"S{k:03d}" / f"IM{k:05d}"
+                demo.write_xray(path, pixels, pid, f"{site}-{subject}", k, monochrome1=site == "b")
+                written.setdefault(site, []).append((pid, path))
+    truth = {"shared": {(demo.pseudonym("a", s), demo.pseudonym("b", s)) for s in shared},
+             "copies": set()}
+    import pydicom
+
+    for n, (pid, path) in enumerate(rng.sample(written["b"], n_copies)):
+        ds = pydicom.dcmread(path)
+        copy_id = f"B-copy{n:04d}"
+        ds.PatientID = ds.PatientName = copy_id
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = demo.uid("copy", path)
+        target = out / "site-b" / copy_id / "S000" / "IM00000"
+        target.parent.mkdir(parents=True)
+        ds.save_as(target, enforce_file_format=True)
+        truth["copies"].add(frozenset((pid, copy_id)))
+    return truth
+
+
+def score_report(report: Path, truth) -> dict:
+    """Found / false pairs of a dedup report against a known answer."""
+    summary = json.loads((report / "summary.json").read_text())
+    with open(report / "subjects.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    good = {frozenset(p) for p in truth["shared"]} | set(truth["copies"])
+    right = [r for r in rows if frozenset((r["subject_a"], r["subject_b"])) in good]
+    shared_found = sum(1 for r in right if r["dataset_a"] != r["dataset_b"])
+    return {"reported": len(rows), "false": len(rows) - len(right), "found": shared_found,
+            "planted": len(truth["shared"]),
+            "mean_posterior": float(np.mean([float(r["probability"]) for r in rows])) if rows else None,
+            "precision": len(right) / len(rows) if rows else None,
+            "expected_false": summary["expected_false_pairs"], "summary": summary}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/cxr14-subset-64px"))

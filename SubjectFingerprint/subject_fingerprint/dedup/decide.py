@@ -185,8 +185,14 @@ def decide(datasets, link: post.PairLink, reference: post.DataReference,
                 # Mutually nearest subjects with a likelihood ratio above 1 (each symmetric
                 # pair of one dataset is counted twice there).
                 cap = min(cap, max(float(np.sum(link.log_lr(mnn) > 0)) / (2 if same else 1), 1.0))
-            matches = post.estimate_matches(log_lr, n_pairs, cap=cap)
-            prior = matches / n_pairs
+            # Pairs sharing an exact duplicate image are known matches: kept out of the fit.
+            known = np.array([tuple(sorted([(a, ka[i]), (b, kb[j])])) in exact_keys
+                              for i, j, _ in scored], dtype=bool)
+            n_known = int(known.sum())
+            matches = post.estimate_matches(log_lr[~known], n_pairs - n_known,
+                                            cap=max(cap - n_known, 1.0)) if n_pairs > n_known else 0.0
+            prior = matches / max(n_pairs - n_known, 1)
+            matches += n_known
             probs = np.atleast_1d(post.posterior(log_lr, prior))
             if not same:
                 # Across datasets, the different-ID pairs inside them are an empirical null.
