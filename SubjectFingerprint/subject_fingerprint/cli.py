@@ -128,6 +128,8 @@ def _run_query(args) -> int:
     else:
         for answer in answers:
             print(f"\n{answer['query']}")
+            if answer.get("open_set"):
+                print(answer["open_set"]["answer"])
             subjects = answer["subjects"]
             columns = ["rank", "subject_id", "dataset", "distance"]
             if subjects and subjects[0].get("probability") is not None:
