@@ -57,8 +57,10 @@ def subject_rows(datasets, pairs) -> List[dict]:
             "score": round(p.score, 6), "exact_duplicate": p.exact_duplicate,
             "image_a": a.image_ids[i] if i is not None else "",
             "image_b": b.image_ids[j] if j is not None else "",
-            "source_a": relative_source(a, a.sources[i]) if i is not None else "",
-            "source_b": relative_source(b, b.sources[j]) if j is not None else "",
+            # Full paths: the CSV is for programs (the Slicer module loads these files);
+            # the HTML page shows them relative to their dataset.
+            "source_a": a.sources[i] if i is not None else "",
+            "source_b": b.sources[j] if j is not None else "",
         })
     return rows
 
@@ -72,8 +74,7 @@ def image_rows(datasets, image_pairs) -> List[dict]:
             "dataset_b": b.name, "image_b": b.image_ids[p.j],
             "distance": round(p.distance, 6), "exact_duplicate": p.exact_duplicate,
             "subject_a": a.subject_ids[p.i], "subject_b": b.subject_ids[p.j],
-            "source_a": relative_source(a, a.sources[p.i]),
-            "source_b": relative_source(b, b.sources[p.j]),
+            "source_a": a.sources[p.i], "source_b": b.sources[p.j],
         })
     return rows
 
