@@ -154,3 +154,20 @@ def test_readme_main_job_on_the_sample_exports(sample_data, tmp_path, one_torch_
     page = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
     assert f"About {unconfirmed} shared subject(s)" in page
     assert "starter-2d-cxr.pt" in page and summary["model_id"] in page
+    # The copied pair is reported, with a Grad-CAM heatmap beside each thumbnail.
+    assert summary["heatmaps"] >= 1 and "class='heat'" in page
+
+
+def test_pair_heatmaps_explain_the_similarity(sample_data, one_torch_thread):
+    from subject_fingerprint.lookup import resolve_model
+    from subject_fingerprint.pair_heatmap import overlay_uri, pair_heatmaps
+
+    model = resolve_model(MODEL)
+    a, b = sorted((sample_data / "exports/site-a").rglob("IM*"))[:2]
+    ha, hb, xa, xb = pair_heatmaps(model, str(a), str(b))
+    size = tuple(model.preprocessing.size)
+    assert ha.shape == hb.shape == xa.shape == xb.shape == size
+    for h in (ha, hb):
+        assert np.isfinite(h).all() and h.min() >= 0 and h.max() <= 1 + 1e-6
+    assert ha.max() > 0 or hb.max() > 0  # something drives the similarity
+    assert overlay_uri(xa, ha).startswith("data:image/png;base64,")

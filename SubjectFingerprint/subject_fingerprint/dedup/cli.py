@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--near-duplicate-distance", type=float,
                    help="image pairs closer than this are near duplicates "
                         "(default: a tenth of the threshold)")
+    p.add_argument("--heatmaps", type=int, default=24, metavar="N",
+                   help="Grad-CAM heatmaps of the pair similarity for up to N image pairs of the "
+                        "reported subject pairs (default 24; 0: none)")
     p.add_argument("--save-libraries", metavar="DIR",
                    help="save the embeddings of each folder as DIR/NAME.h5 for next time")
     p.add_argument("--fail-on-overlap", action="store_true",
@@ -153,7 +156,17 @@ def run(args) -> int:
         "seconds": 0.0,
     }
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    write_report(Path(args.out), datasets, decision, exact, near_pairs, summary)
+    heatmaps = None
+    if args.heatmaps > 0 and reported:
+        from ..pair_heatmap import heatmaps_for_pairs
+
+        # The best image pair of every reported subject pair first, then the others.
+        order = [p.image_pairs[0] for p in reported if p.image_pairs] + \
+            [ip for p in reported for ip in p.image_pairs[1:]]
+        heatmaps = heatmaps_for_pairs(model, datasets, order, limit=args.heatmaps)
+    summary["heatmaps"] = 0 if heatmaps is None else len(heatmaps) // 2
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    write_report(Path(args.out), datasets, decision, exact, near_pairs, summary, heatmaps)
 
     for warning in decision.check.warnings:
         print(f"WARNING: {warning}", file=sys.stderr)

@@ -290,6 +290,9 @@ def write_html(path: Path, summary: dict, datasets, decision, subject_table: Lis
         ("Exact duplicate image pairs", summary["exact_duplicate_pairs"]),
         ("Near-duplicate image pairs", summary["near_duplicate_pairs"]),
         ("Model", f"{summary['model_file']} (ID {summary['model_id']})"),
+        ("Heatmaps", f"Grad-CAM of the pair similarity beside each image, for "
+                     f"{summary.get('heatmaps', 0)} image pair(s) (warm: what pulls the two "
+                     f"embeddings together)"),
         ("Unreadable files", len(summary["unreadable_files"])),
         ("Time taken", f"{summary['seconds']:.1f} s"),
     ]
