@@ -171,3 +171,35 @@ def test_pair_heatmaps_explain_the_similarity(sample_data, one_torch_thread):
         assert np.isfinite(h).all() and h.min() >= 0 and h.max() <= 1 + 1e-6
     assert ha.max() > 0 or hb.max() > 0  # something drives the similarity
     assert overlay_uri(xa, ha).startswith("data:image/png;base64,")
+
+
+def test_large_blocks_score_only_close_pairs_and_decide_the_same(monkeypatch):
+    from subject_fingerprint.dedup import decide as dec
+    from subject_fingerprint.dedup.engine import EmbeddedDataset
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 8))
+
+    def dataset(name, subjects):
+        rows = [(s, centres[s] + 0.3 * rng.normal(size=8)) for s in subjects for _ in range(2)]
+        ids = np.array([f"{name}{i}" for i in range(len(rows))], dtype=object)
+        subj = np.array([f"s{s}" if s < 10 else f"{name}{s}" for s, _ in rows], dtype=object)
+        return EmbeddedDataset(name, np.array([v for _, v in rows], np.float32), subj, ids, ids, ids)
+
+    # Subjects 0-9 are in both datasets under the same ID (the planted answer).
+    data = [dataset("a", range(25)), dataset("b", list(range(10)) + list(range(25, 40)))]
+    ref = post.reference_scores(data)
+    link = post.combine(ref, None)
+    dense = dec.decide(data, link, ref, max_false_pairs=1)
+    monkeypatch.setattr(dec, "DENSE_LIMIT", 0)
+    sparse = dec.decide(data, link, ref, max_false_pairs=1)
+    scores = {(p.a, p.subject_a, p.b, p.subject_b): p.score for p in dense.pairs}
+    for p in sparse.pairs:
+        key = (p.a, p.subject_a, p.b, p.subject_b)
+        if key in scores:
+            assert p.score == pytest.approx(scores[key])
+    reported = lambda d: sorted((p.subject_a, p.subject_b) for p in d.reported)
+    assert reported(dense) == reported(sparse)
+    shared = {(f"s{s}", f"s{s}") for s in range(10)}
+    assert len(shared & set(reported(dense))) >= 8
+    assert dense.expected_false_pairs <= 1

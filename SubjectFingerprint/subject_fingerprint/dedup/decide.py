@@ -20,6 +20,8 @@ from . import engine
 # Above this many subject pairs in one comparison, only pairs with a close image pair are
 # scored (the others have a negligible likelihood ratio); below it every pair is scored.
 DENSE_LIMIT = 10_000_000
+# Image pairs a large block scores at most (about): the closest ones.
+MAX_CANDIDATE_IMAGE_PAIRS = 20_000_000
 # Image pairs shown per subject pair in the report.
 MAX_SHOWN_IMAGE_PAIRS = 8
 # Pairs below this posterior are not kept as candidates (unless a threshold reports them).
@@ -166,16 +168,21 @@ def decide(datasets, link: post.PairLink, reference: post.DataReference,
 
     # Image pairs closer than where the likelihood ratio is 1 are "close".
     close = threshold if threshold is not None else max(link.score_for_log_lr(0.0), 0.0)
-    if len(reference.different_images):
-        loose = float(max(np.quantile(reference.different_images, 0.05), close))
-    else:
-        loose = close
+
+    def loose_for(da, db) -> float:
+        """Image distance below which pairs of a large block are scored: the different-ID
+        quantile that keeps about MAX_CANDIDATE_IMAGE_PAIRS image pairs (at most 5 %)."""
+        if not len(reference.different_images):
+            return close
+        share = min(0.05, MAX_CANDIDATE_IMAGE_PAIRS / max(len(da) * len(db), 1))
+        return float(np.quantile(reference.different_images, share))
     pairs: List[ScoredPair] = []
     comparisons: List[Comparison] = []
     for a in range(len(datasets)):
         for b in range(a, len(datasets)):
             same = a == b
-            scored, n_pairs, ka, kb, mnn = _score_block(datasets[a], datasets[b], same, loose)
+            scored, n_pairs, ka, kb, mnn = _score_block(datasets[a], datasets[b], same,
+                                                        loose_for(datasets[a], datasets[b]))
             if not n_pairs:
                 continue
             scores = np.array([s for _, _, s in scored])
