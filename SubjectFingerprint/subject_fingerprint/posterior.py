@@ -157,8 +157,8 @@ class DataFit:
     """Likelihood ratio measured on the data: same-ID scores ~ Normal(mu1, sd1); the lower
     tail of the different-ID scores ~ Normal(mu0, sd0), fitted to its empirical quantiles
     (a normal probability plot of the lower fifth), which follows the tail where the
-    decisions are made rather than the bulk. Below the score where the ratio peaks it is
-    held at the peak (a closer pair is never less likely the same subject)."""
+    decisions are made rather than the bulk. The ratio is made monotone (a closer pair is
+    never less likely the same subject, a farther one never more)."""
 
     mu1: float
     sd1: float
@@ -166,14 +166,22 @@ class DataFit:
     sd0: float
 
     @property
-    def peak(self) -> float:
+    def vertex(self) -> Tuple[float, float]:
+        """(score, curvature sign) of the quadratic log LR's turning point."""
         a = 1 / self.sd0 ** 2 - 1 / self.sd1 ** 2
-        if a >= 0:  # same-ID spread as wide as the tail: the ratio rises without bound
-            return -math.inf
-        return float((self.mu0 / self.sd0 ** 2 - self.mu1 / self.sd1 ** 2) / a)
+        if a == 0:
+            return math.nan, 0.0
+        return float((self.mu0 / self.sd0 ** 2 - self.mu1 / self.sd1 ** 2) / a), float(np.sign(a))
 
     def log_lr(self, scores):
-        s = np.maximum(np.asarray(scores, dtype=np.float64), self.peak)
+        """Never rising with the score: a narrower same-ID spread makes the quadratic peak,
+        held to its left; a wider one makes it dip, held to its right."""
+        s = np.asarray(scores, dtype=np.float64)
+        v, sign = self.vertex
+        if sign < 0:
+            s = np.maximum(s, v)
+        elif sign > 0:
+            s = np.minimum(s, v)
         return (-0.5 * ((s - self.mu1) / self.sd1) ** 2 + 0.5 * ((s - self.mu0) / self.sd0) ** 2
                 + math.log(self.sd0 / self.sd1))
 

@@ -203,3 +203,11 @@ def test_large_blocks_score_only_close_pairs_and_decide_the_same(monkeypatch):
     shared = {(f"s{s}", f"s{s}") for s in range(10)}
     assert len(shared & set(reported(dense))) >= 8
     assert dense.expected_false_pairs <= 1
+
+
+@pytest.mark.parametrize("sd1,sd0", [(0.05, 0.1), (0.1, 0.05), (0.07, 0.07)])
+def test_data_likelihood_ratio_never_rises_with_the_score(sd1, sd0):
+    fit = post.DataFit(0.3, sd1, 0.5, sd0)
+    values = fit.log_lr(np.linspace(0, 3, 3001))
+    assert np.all(np.diff(values) <= 1e-12)
+    assert values[0] > 0 > values[-1] or sd1 > sd0  # same-like scores favour "same"
