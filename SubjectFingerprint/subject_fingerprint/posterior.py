@@ -30,6 +30,8 @@ STORED_WEIGHT = 10
 MIN_SAME_FOR_FIT = 5
 # Different-ID subject pairs used per dataset for the data calibration (all if fewer).
 MAX_REFERENCE_PAIRS = 50000
+# The default rule reports no pair less likely the same subject than this.
+MIN_POSTERIOR = 0.5
 # Self-check: warn below these.
 MIN_AUC = 0.80
 MIN_RECALL = 0.20
@@ -336,8 +338,11 @@ def null_cap(scores: np.ndarray, n_pairs: int, null_scores: np.ndarray) -> np.nd
     return cap
 
 
-def decide(posteriors: Sequence[float], max_false: float) -> Tuple[np.ndarray, float]:
-    """Report the most probable pairs while ``sum(1 - posterior)`` stays <= ``max_false``.
+def decide(posteriors: Sequence[float], max_false: float,
+           min_posterior: float = MIN_POSTERIOR) -> Tuple[np.ndarray, float]:
+    """Report the most probable pairs while ``sum(1 - posterior)`` stays <= ``max_false``,
+    and only pairs at least ``min_posterior`` likely (a pair more likely false than not is
+    not worth a reviewer's time, however loose the budget).
 
     Returns (mask of the reported pairs, expected number of false pairs among them).
     """
@@ -345,6 +350,7 @@ def decide(posteriors: Sequence[float], max_false: float) -> Tuple[np.ndarray, f
     order = np.argsort(-p, kind="stable")
     cost = np.cumsum(1.0 - p[order])
     n = int(np.searchsorted(cost, max_false + 1e-12, side="right"))
+    n = min(n, int(np.sum(p >= min_posterior)))
     mask = np.zeros(len(p), dtype=bool)
     mask[order[:n]] = True
     return mask, float(cost[n - 1]) if n else 0.0

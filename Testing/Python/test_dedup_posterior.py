@@ -46,6 +46,9 @@ def test_decide_keeps_expected_false_pairs_within_the_target():
     assert expected == pytest.approx(0.001 + 0.01 + 0.1)
     mask, expected = post.decide(p, 1e-4)
     assert not mask.any() and expected == 0
+    # A loose budget never reports pairs more likely false than not.
+    mask, expected = post.decide(p, 10)
+    assert mask.tolist() == [True, True, True, True, False, False]
 
 
 def test_mixture_fit_recovers_the_number_of_matches():
