@@ -171,6 +171,8 @@ def _run_query(args) -> int:
     else:
         for answer in answers:
             print(f"\nquery: {answer['query']}")
+            if answer.get("open_set"):
+                print(answer["open_set"]["answer"])
             for part, title in (("subjects", "closest subjects (distance of their closest image)"),
                                 ("images", "closest images")):
                 rows = answer[part]

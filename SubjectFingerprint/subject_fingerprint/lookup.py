@@ -213,6 +213,58 @@ def load_query_image(image) -> LoadedImage:
     return read_image(str(image))
 
 
+# Open-set query: prior probability that the query's subject is in the library at all, and
+# the posterior a candidate needs to be reported as the match.
+PRIOR_IN_LIBRARY = 0.5
+MATCH_LEVEL = 0.9
+
+
+def open_set(results, subject_counts: dict, calibration, prior_in_library: float = PRIOR_IN_LIBRARY,
+             level: float = MATCH_LEVEL) -> None:
+    """Turn each result's probabilities into open-set posteriors, in place, and decide.
+
+    Hypotheses: the query's subject is library subject k (prior ``prior_in_library / N``
+    each) or none of them. A candidate's likelihood ratio is the model's (a logit fitted on
+    balanced pairs is a log likelihood ratio) at its closest image, divided by its number of
+    images: the closest of m images of another person is about m times likelier to be that
+    close. Subjects not among the candidates are taken as LR 0, which only raises the
+    posteriors shown. ``result.open_set`` says which subject matches, or that none does.
+    """
+    import math
+
+    n = max(len(subject_counts), 1)
+    prior = min(max(prior_in_library, 1e-12), 1 - 1e-12) / n
+    for result in results:
+        best: dict = {}
+        for m in list(result.subjects) + list(result.images):
+            key = (m.dataset, m.subject_id)
+            best[key] = min(best.get(key, math.inf), m.distance)
+        log_lr = {key: calibration.coef * d + calibration.intercept
+                  - math.log(max(subject_counts.get(key, 1), 1)) for key, d in best.items()}
+        # log of each hypothesis' weight; "none" has prior 1 - prior_in_library and LR 1.
+        logw = {key: math.log(prior) + v for key, v in log_lr.items()}
+        log_none = math.log(1 - prior * n) if prior * n < 1 else -math.inf
+        top = max([log_none, *logw.values()])
+        total = math.exp(log_none - top) + sum(math.exp(w - top) for w in logw.values())
+        posteriors = {key: math.exp(w - top) / total for key, w in logw.items()}
+        for m in list(result.subjects) + list(result.images):
+            m.probability = posteriors.get((m.dataset, m.subject_id))
+        first = result.subjects[0] if result.subjects else None
+        p = first.probability if first is not None else None
+        matched = first is not None and p is not None and p >= level
+        result.open_set = {
+            "match": first.subject_id if matched else None,
+            "dataset": first.dataset if matched else None,
+            "best_posterior": p, "best_subject": first.subject_id if first else None,
+            "likelihood_ratio": (math.exp(min(log_lr[(first.dataset, first.subject_id)], 700))
+                                 if first is not None else None),
+            "level": level, "prior_in_library": prior_in_library,
+            "answer": (f"match: {first.subject_id}" if matched else
+                       "no subject of the library matches"
+                       + (f" (best: {first.subject_id}, posterior {p:.3g})" if first else "")),
+        }
+
+
 def query(
     images: Iterable,
     library: Union[str, Path],
@@ -222,6 +274,8 @@ def query(
     failures: Optional[List[Failure]] = None,
     notices: Optional[List[str]] = None,
     backend: str = "torch",
+    prior_in_library: float = PRIOR_IN_LIBRARY,
+    level: float = MATCH_LEVEL,
 ):
     """Rank the library's images and subjects for each query image.
 
@@ -231,6 +285,9 @@ def query(
     ``images`` are paths or :class:`LoadedImage` objects. A bad image raises, unless a list
     is passed as ``failures``: then it is recorded there and skipped. Returns one
     ``QueryResult`` per kept image, in order, with ``.query`` set to the image's name.
+
+    With a calibrated model the probabilities are open-set posteriors (see :func:`open_set`)
+    and ``result.open_set`` names the matching subject, or says that none matches.
     """
     from .embed import Embedder
     from .library import EmbeddingLibrary
@@ -262,6 +319,13 @@ def query(
             return []
         embeddings = Embedder(fmodel, device=device, backend=backend).embed_loaded(loaded)
         results = rank(lib, embeddings, k=k, calibration=fmodel.calibration)
+        if fmodel.calibration is not None:
+            import numpy as np
+
+            codes, keys = lib.subject_codes()
+            counts = np.bincount(codes, minlength=len(keys))
+            open_set(results, {(ds, sid): int(c) for (ds, sid), c in zip(keys, counts)},
+                     fmodel.calibration, prior_in_library, level)
     for name, result in zip(names, results):
         result.query = name
     return results

@@ -287,6 +287,8 @@ class QueryResult:
         d = {} if self.query is None else {"query": self.query}
         d["images"] = [m.to_dict() for m in self.images]
         d["subjects"] = [m.to_dict() for m in self.subjects]
+        if getattr(self, "open_set", None) is not None:  # set by lookup.open_set
+            d["open_set"] = self.open_set
         return d
 
 

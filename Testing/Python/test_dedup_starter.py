@@ -29,7 +29,7 @@ def _planted_builder():
 @pytest.mark.slow
 @pytest.mark.skipif(not MODEL.exists() or not SPLIT.exists(),
                     reason="starter model or ChestX-ray14 split not in the checkout")
-def test_starter_model_finds_planted_patients_within_calibrated_false_rate(shared_data, tmp_path):
+def test_starter_model_fixed_threshold_override_finds_planted_patients(shared_data, tmp_path):
     data = shared_data / "cxr14-subset-64px"
     if not (data / "manifest.csv").exists():
         pytest.skip(f"{data} not present")
@@ -37,12 +37,14 @@ def test_starter_model_finds_planted_patients_within_calibrated_false_rate(share
     assert len(planted) >= 5
     code = main(["dedup", str(tmp_path / "exports/site-a"), str(tmp_path / "exports/site-b"),
                  "--model", str(MODEL), "--out", str(tmp_path / "report"), "--quiet",
-                 "--device", "cpu", "--fail-on-overlap"])
+                 "--device", "cpu", "--fail-on-overlap", "--max-fpr", "0.01"])
     summary = json.loads((tmp_path / "report/summary.json").read_text())
     with open(tmp_path / "report/subjects.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert code == (1 if rows else 0)
-    assert summary["threshold_source"] == "model calibration"
+    # The old fixed per-image-pair threshold, kept as an explicit override (the default rule
+    # is tested in test_dedup_posterior.py).
+    assert summary["threshold_source"] == "--max-fpr"
     fpr = summary["false_positive_rate"]
     assert fpr is not None and 0 < fpr < 1
 

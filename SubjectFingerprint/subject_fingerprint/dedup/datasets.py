@@ -70,7 +70,8 @@ def _from_folder(name: str, path: Path, model, device: str, batch_size: int,
         sources=np.array([r.source for r in records], dtype=object),
         content_hashes=np.array(hashes, dtype=object),
         failures=failures,
-        library=library)
+        library=library,
+        root=str(path))
 
 
 def load_dataset(text: str, model, device: str = "auto", batch_size: int = 16,

@@ -26,6 +26,7 @@ class EmbeddedDataset:
     content_hashes: np.ndarray
     failures: list = field(default_factory=list)
     library: Optional[str] = None  # the .h5 it came from or was saved to
+    root: Optional[str] = None  # the folder it was read from (report paths are relative to it)
 
     def __len__(self) -> int:
         return len(self.embeddings)

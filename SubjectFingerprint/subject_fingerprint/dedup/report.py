@@ -19,7 +19,8 @@ import numpy as np
 from ..csvsafe import SafeDictWriter, printable
 
 SUBJECT_COLUMNS = ["dataset_a", "subject_a", "dataset_b", "subject_b", "probability",
-                   "min_distance", "n_close_pairs", "image_a", "image_b", "source_a", "source_b"]
+                   "min_distance", "n_close_pairs", "likelihood_ratio", "score",
+                   "exact_duplicate", "image_a", "image_b", "source_a", "source_b"]
 IMAGE_COLUMNS = ["dataset_a", "image_a", "dataset_b", "image_b", "distance", "exact_duplicate",
                  "subject_a", "subject_b", "source_a", "source_b"]
 
@@ -31,21 +32,36 @@ def _write_csv(path: Path, columns, rows) -> None:
         writer.writerows(rows)
 
 
+def relative_source(ds, source: str) -> str:
+    """A file path relative to its dataset's folder (as given when it is not under it)."""
+    if ds.root and source:
+        try:
+            return Path(source).resolve().relative_to(Path(ds.root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(source)
+
+
 def subject_rows(datasets, pairs) -> List[dict]:
+    """One row per subject pair: posterior as ``probability``, then the evidence."""
     rows = []
     for p in pairs:
         a, b = datasets[p.a], datasets[p.b]
-        best = p.best
-        # The best image pair may be stored either way round; orient it like the subjects.
-        i, j = (best.i, best.j) if best.a == p.a and a.subject_ids[best.i] == p.subject_a \
-            else (best.j, best.i)
+        best = p.best if p.image_pairs else None
+        i, j = (best.i, best.j) if best is not None else (None, None)
         rows.append({
             "dataset_a": a.name, "subject_a": p.subject_a,
             "dataset_b": b.name, "subject_b": p.subject_b,
-            "probability": "" if p.probability is None else round(p.probability, 6),
+            "probability": round(p.posterior, 6),
             "min_distance": round(p.min_distance, 6), "n_close_pairs": p.n_close_pairs,
-            "image_a": a.image_ids[i], "image_b": b.image_ids[j],
-            "source_a": a.sources[i], "source_b": b.sources[j],
+            "likelihood_ratio": float(f"{p.likelihood_ratio:.6g}"),
+            "score": round(p.score, 6), "exact_duplicate": p.exact_duplicate,
+            "image_a": a.image_ids[i] if i is not None else "",
+            "image_b": b.image_ids[j] if j is not None else "",
+            # Full paths: the CSV is for programs (the Slicer module loads these files);
+            # the HTML page shows them relative to their dataset.
+            "source_a": a.sources[i] if i is not None else "",
+            "source_b": b.sources[j] if j is not None else "",
         })
     return rows
 
@@ -64,25 +80,36 @@ def image_rows(datasets, image_pairs) -> List[dict]:
     return rows
 
 
-def histogram_png(path: Path, same: np.ndarray, different: np.ndarray, threshold: float) -> None:
+def histogram_png(path: Path, decision, cut: Optional[float]) -> None:
+    """Subject-pair scores of these datasets: same-ID halves, different-ID pairs inside a
+    dataset, and the pairs compared across datasets, with the decision drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
-    values = np.concatenate([same, different]) if len(same) or len(different) else np.zeros(1)
-    bins = np.linspace(0, max(float(values.max()), threshold) * 1.05 or 1.0, 60)
-    if len(different):
-        ax.hist(different, bins=bins, alpha=0.6, density=True, color="#d62728",
-                label=f"different subjects (n={len(different)})")
-    if len(same):
-        ax.hist(same, bins=bins, alpha=0.6, density=True, color="#1f77b4",
-                label=f"same subject ID (n={len(same)})")
-    ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g}")
-    ax.set_xlabel("embedding distance")
+    ref = decision.reference
+    cross = [c.scores for c in decision.comparisons if c.a != c.b]
+    cross = np.concatenate(cross) if cross else np.zeros(0)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8), dpi=100)
+    values = np.concatenate([ref.same, ref.different, cross, [cut or 0.0]])
+    values = values[np.isfinite(values)]
+    bins = np.linspace(0, float(values.max()) * 1.05 if len(values) and values.max() > 0 else 1.0, 60)
+    drawn = "drawn without replacement" if ref.different_drawn else "all"
+    if len(ref.different):
+        ax.hist(ref.different, bins=bins, alpha=0.55, density=True, color="#d62728",
+                label=f"different ID, within a dataset ({drawn}, n={len(ref.different)})")
+    if len(cross):
+        ax.hist(cross, bins=bins, density=True, histtype="step", color="#555",
+                label=f"pairs across datasets (n={len(cross)})")
+    if len(ref.same):
+        ax.hist(ref.same, bins=bins, alpha=0.55, density=True, color="#1f77b4",
+                label=f"same ID, images split in two (n={len(ref.same)})")
+    if cut is not None:
+        ax.axvline(cut, color="k", linestyle="--", label=f"decision (score {cut:.3g})")
+    ax.set_xlabel("subject-pair score (mean nearest-image embedding distance)")
     ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -164,63 +191,166 @@ _SCRIPT = """
 """
 
 
-def write_html(path: Path, summary: dict, subject_table: List[dict], histogram: Optional[Path],
-               max_cards: int = 50) -> None:
+def _decision_score(decision) -> Optional[float]:
+    """The cross-dataset score at which a pair reaches the posterior level (for the plot)."""
+    import math
+
+    cross = [c for c in decision.comparisons if c.a != c.b]
+    if decision.threshold is not None:
+        return decision.threshold
+    if decision.level is None or not cross or not 0 < decision.level < 1:
+        return None
+    prior = cross[0].prior
+    need = math.log(decision.level / (1 - decision.level)) - math.log(prior / (1 - prior))
+    return decision.link.score_for_log_lr(need)
+
+
+def _pair_card(e, datasets, pair, row, heatmaps) -> str:
+    cells = []
+    for ip in pair.image_pairs:
+        figs = []
+        for side, (k, idx) in (("a", (ip.a, ip.i)), ("b", (ip.b, ip.j))):
+            ds = datasets[k]
+            uri = thumbnail(str(ds.sources[idx]))
+            rel = relative_source(ds, str(ds.sources[idx]))
+            img = (f"<img alt='{e(rel)}' src='{uri}'>" if uri
+                   else "<div class='noimg'>image not available</div>")
+            heat = heatmaps.get((k, idx, ip.a if side == "b" else ip.b,
+                                 ip.j if side == "a" else ip.i)) if heatmaps else None
+            if heat:
+                img += f"<img class='heat' alt='heatmap of {e(rel)}' src='{heat}'>"
+            figs.append(f"<figure>{img}<figcaption>{e(rel)}</figcaption></figure>")
+        tag = "<b class='exact'>exact duplicate</b>" if ip.exact_duplicate else \
+            f"distance {ip.distance:.4f}"
+        cells.append(f"<div class='imgpair'>{figs[0]}{figs[1]}<div>{tag}</div></div>")
+    head = (f"<div class='who'>{e(row['dataset_a'])} / <b>{e(str(row['subject_a']))}</b> &harr; "
+            f"{e(row['dataset_b'])} / <b>{e(str(row['subject_b']))}</b></div>")
+    facts = (f"<div class='facts'><span class='prob'>{pair.posterior:.1%}</span> same-subject "
+             f"posterior &middot; likelihood ratio {pair.likelihood_ratio:.3g} &middot; score "
+             f"{pair.score:.4f} &middot; {pair.n_close_pairs} close image pair(s)"
+             + (" &middot; <b class='exact'>shares an exact duplicate image</b>"
+                if pair.exact_duplicate else "") + "</div>")
+    return f"<div class='pair'>{head}{facts}<div class='imgpairs'>{''.join(cells)}</div></div>"
+
+
+_MORE_STYLE = """
+.pair{display:block}.imgpairs{display:flex;flex-wrap:wrap;gap:12px}.imgpair{display:flex;gap:4px;
+align-items:center;border:1px dashed #ccc;padding:4px;font-size:12px}.heat{margin-left:2px}
+.who{font-size:15px;margin-bottom:4px}.exact{color:#0a6}.alert{border:2px solid #a00;background:#fff0f0;
+padding:10px 14px;border-radius:6px;margin:12px 0}.alert li{margin:4px 0}
+"""
+
+
+def write_html(path: Path, summary: dict, datasets, decision, subject_table: List[dict],
+               exact, histogram: Optional[Path], heatmaps=None, max_cards: int = 40) -> None:
     e = html.escape
+    check = summary["self_check"]
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              # No network: forbid every external load, allow only inline content and data URIs.
              "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
              "img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">",
              "<title>SubjectFingerprint: shared subjects report</title>",
-             f"<style>{_STYLE}</style></head><body>",
-             "<h1>Shared subjects report</h1>",
-             "<table class='summary'>"]
+             f"<style>{_STYLE}{_MORE_STYLE}</style></head><body>",
+             "<h1>Shared subjects report</h1>"]
+    if check["warnings"]:
+        parts.append("<div class='alert' id='self-check-warning'><b>Self-check: the model is not "
+                     "reliable on these datasets.</b> The pairs below are candidates to review, "
+                     "not confident findings.<ul>" +
+                     "".join(f"<li>{e(w)}</li>" for w in check["warnings"]) + "</ul></div>")
+    cal = summary["calibration"]
     facts = [
         ("Datasets", ", ".join(f"{d['name']} ({d['images']} images, {d['subjects']} subjects)"
                               for d in summary["datasets"])),
         ("Suspected shared subjects (across datasets)", summary["suspected_shared_subjects"]),
-        ("Suspected same-person IDs within a dataset", summary["suspected_within_dataset_pairs"]),
+        ("Estimated shared subjects (from the data)", summary["estimated_shared_subjects"]),
+        ("Shared subjects not confirmed at this level", summary["unconfirmed_shared_subjects"]),
+        ("Suspected same person under two IDs within a dataset",
+         summary["suspected_within_dataset_pairs"]),
+        ("Expected false pairs among those listed", f"{summary['expected_false_pairs']:.3g}"),
+        ("Decision", (f"at most {summary['max_false_pairs']:.3g} expected false subject pairs "
+                      f"(lowest posterior listed: {summary['posterior_level']:.3g})"
+                      if summary["posterior_level"] is not None else
+                      f"at most {summary['max_false_pairs']:.3g} expected false subject pairs")
+         if summary["decision_rule"] == "max-false-pairs" else
+         f"{summary['decision_rule']}: image distance {summary['threshold']:.4g}"
+         + (f" (false-positive rate {summary['false_positive_rate']:g} per image pair)"
+            if summary.get("false_positive_rate") else "")),
+        ("Calibration used", f"{cal['source']} (weight of the data {cal['data_weight']:.2f}; "
+                             f"{cal.get('same_id_subjects', 0)} same-ID subjects, "
+                             f"{cal.get('different_id_pairs', 0)} different-ID pairs)"),
+        ("Model vs data", (f"log10 likelihood ratios differ by up to "
+                           f"{cal['max_log10_lr_disagreement']:.2f}; " if
+                           cal.get("max_log10_lr_disagreement") is not None else "") +
+         (f"the model's threshold {cal['model_threshold']:.4g} (false-positive rate "
+          f"{cal['model_fpr']:g}) gives {cal['observed_fpr_at_model_threshold']:.3g} on these "
+          f"images" if cal.get("model_threshold") is not None else "")),
+        ("Self-check", f"same-ID vs different-ID AUC "
+                       f"{'n/a' if check['auc'] is None else format(check['auc'], '.3f')}; "
+                       f"estimated recall at this level "
+                       f"{'n/a' if check['estimated_recall'] is None else format(check['estimated_recall'], '.0%')}"),
         ("Exact duplicate image pairs", summary["exact_duplicate_pairs"]),
         ("Near-duplicate image pairs", summary["near_duplicate_pairs"]),
-        ("Threshold (embedding distance)", f"{summary['threshold']:.4g}"),
-        ("Expected false-positive rate per image pair", summary.get("false_positive_rate")),
-        ("Model", summary["model_id"]),
+        ("Model", f"{summary['model_file']} (ID {summary['model_id']})"),
+        ("Heatmaps", f"Grad-CAM of the pair similarity beside each image, for "
+                     f"{summary.get('heatmaps', 0)} image pair(s) (warm: what pulls the two "
+                     f"embeddings together)"),
         ("Unreadable files", len(summary["unreadable_files"])),
         ("Time taken", f"{summary['seconds']:.1f} s"),
     ]
+    parts.append("<table class='summary'>")
     for key, value in facts:
         parts.append(f"<tr><td>{e(str(key))}</td><td>{e(str(value))}</td></tr>")
     parts.append("</table>")
     if histogram is not None and histogram.exists():
-        parts.append("<h2>Distances</h2>")
-        parts.append(f"<img alt='distance histogram' src='{_png_uri(histogram)}'>")
+        parts.append("<h2>Scores of the real pairs</h2>")
+        parts.append(f"<img alt='score histogram' src='{_png_uri(histogram)}'>")
 
-    parts.append("<h2>Suspected pairs, most certain first</h2>")
-    if not subject_table:
-        parts.append("<p>No pair of subjects is closer than the threshold.</p>")
-    for row in subject_table[:max_cards]:
-        figures = []
-        for side in ("a", "b"):
-            uri = thumbnail(str(row[f"source_{side}"]))
-            label = f"{row['dataset_' + side]} / {row['subject_' + side]}"
-            img = (f"<img alt='{e(label)}' src='{uri}'>" if uri
-                   else "<div class='noimg'>image not available</div>")
-            figures.append(f"<figure>{img}<figcaption>{e(label)}<br>{e(str(row['image_' + side]))}"
-                           f"</figcaption></figure>")
-        prob = row["probability"]
-        prob_text = f"{float(prob):.1%}" if prob != "" else "n/a (uncalibrated model)"
-        parts.append(
-            "<div class='pair'>" + figures[0] + figures[1] +
-            f"<div class='facts'><div class='prob'>{e(prob_text)}</div>same-subject probability"
-            f"<br>closest image distance {float(row['min_distance']):.4f}"
-            f"<br>{int(row['n_close_pairs'])} close image pair(s)</div></div>")
-    if len(subject_table) > max_cards:
-        parts.append(f"<p>{len(subject_table) - max_cards} more pair(s) in the table below and in "
-                     "subjects.csv.</p>")
+    reported = decision.reported
+    by_key = {id(p): r for p, r in zip(reported, subject_table)}
+    for title, chosen, empty in (
+            ("Shared subjects across datasets", [p for p in reported if not p.within],
+             "No pair of subjects across datasets passes the decision."),
+            ("Same person under two IDs within a dataset", [p for p in reported if p.within],
+             "No pair of IDs within a dataset passes the decision.")):
+        parts.append(f"<h2>{e(title)}</h2>")
+        if not chosen:
+            parts.append(f"<p>{e(empty)}</p>")
+        for p in chosen[:max_cards]:
+            parts.append(_pair_card(e, datasets, p, by_key[id(p)], heatmaps))
+        if len(chosen) > max_cards:
+            parts.append(f"<p>{len(chosen) - max_cards} more in the table below and in "
+                         "subjects.csv.</p>")
+
+    parts.append("<h2>Exact duplicate images</h2>")
+    if not exact:
+        parts.append("<p>None.</p>")
+    else:
+        parts.append("<table><tr><th>dataset</th><th>subject</th><th>file</th><th>dataset</th>"
+                     "<th>subject</th><th>file</th></tr>")
+        for p in exact:
+            a, b = datasets[p.a], datasets[p.b]
+            parts.append("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
+                a.name, a.subject_ids[p.i], relative_source(a, a.sources[p.i]),
+                b.name, b.subject_ids[p.j], relative_source(b, b.sources[p.j]))) + "</tr>")
+        parts.append("</table>")
+
+    unconfirmed = [p for p in decision.pairs if not p.reported and not p.within][:10]
+    parts.append("<h2>Most probable pairs not confirmed</h2>")
+    parts.append(f"<p>About {e(str(summary['unconfirmed_shared_subjects']))} shared subject(s) "
+                 "estimated from the data are not confirmed at this level.</p>")
+    if unconfirmed:
+        parts.append("<table><tr><th>pair</th><th>posterior</th><th>likelihood ratio</th>"
+                     "<th>score</th></tr>")
+        for p in unconfirmed:
+            label = (f"{datasets[p.a].name} / {p.subject_a} - {datasets[p.b].name} / "
+                     f"{p.subject_b}")
+            parts.append(f"<tr><td>{e(label)}</td><td>{p.posterior:.3g}</td>"
+                         f"<td>{p.likelihood_ratio:.3g}</td><td>{p.score:.4f}</td></tr>")
+        parts.append("</table>")
 
     columns = ["dataset_a", "subject_a", "dataset_b", "subject_b", "probability",
-               "min_distance", "n_close_pairs"]
-    parts.append("<h2>All suspected pairs (click a column to sort)</h2>")
+               "likelihood_ratio", "min_distance", "n_close_pairs"]
+    parts.append("<h2>All reported pairs (click a column to sort)</h2>")
     parts.append("<table id='pairs-table'><thead><tr>" +
                  "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr></thead><tbody></tbody></table>")
     table_rows = [{c: r[c] for c in columns} for r in subject_table]
@@ -236,18 +366,23 @@ def write_html(path: Path, summary: dict, subject_table: List[dict], histogram: 
     path.write_text(printable("\n".join(parts)), encoding="utf-8")
 
 
-def write_report(out_dir: Path, datasets, subject_pairs, image_pairs, summary: dict,
-                 same_distances, different_distances) -> dict:
+def write_report(out_dir: Path, datasets, decision, exact, near_pairs, summary: dict,
+                 heatmaps=None) -> dict:
     """Write every report file into ``out_dir``; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    subjects = subject_rows(datasets, subject_pairs)
+    reported = decision.reported
+    subjects = subject_rows(datasets, reported)
     _write_csv(out_dir / "subjects.csv", SUBJECT_COLUMNS, subjects)
-    _write_csv(out_dir / "images.csv", IMAGE_COLUMNS, image_rows(datasets, image_pairs))
+    behind = [ip for p in reported for ip in p.image_pairs if not ip.exact_duplicate]
+    _write_csv(out_dir / "images.csv", IMAGE_COLUMNS,
+               image_rows(datasets, sorted(behind, key=lambda p: p.distance) + list(exact)
+                          + list(near_pairs)))
     histogram = out_dir / "distances.png"
-    histogram_png(histogram, same_distances, different_distances, summary["threshold"])
+    histogram_png(histogram, decision, _decision_score(decision))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    write_html(out_dir / "index.html", summary, subjects, histogram)
+    write_html(out_dir / "index.html", summary, datasets, decision, subjects, exact, histogram,
+               heatmaps)
     for name in ("subjects.csv", "images.csv", "summary.json", "distances.png", "index.html"):
         os.chmod(out_dir / name, 0o644)
     return {name: str(out_dir / name) for name in
