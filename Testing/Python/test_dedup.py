@@ -257,22 +257,6 @@ def test_close_pairs_matches_brute_force():
     assert set(zip(ii.tolist(), jj.tolist())) == {(i, j) for i, j in zip(*np.nonzero(dx <= threshold))
                                                   if i < j}
 
-
-
-def test_distance_samples_same_subject_pairs_and_cap():
-    rng = np.random.default_rng(1)
-    subjects = np.array(list("aaaabbbccd"), dtype=object)
-    emb = rng.normal(size=(len(subjects), 6)).astype(np.float32)
-    ids = np.array([str(i) for i in range(len(subjects))], dtype=object)
-    ds = engine.EmbeddedDataset("x", emb, subjects, ids, ids, np.array([""] * len(ids), dtype=object))
-    same, different = engine.distance_samples([ds], max_pairs=100)
-    want = [np.linalg.norm(emb[i] - emb[j]) for i in range(len(emb)) for j in range(i + 1, len(emb))
-            if subjects[i] == subjects[j]]
-    assert len(same) == 6 + 3 + 1 and np.allclose(sorted(same), sorted(want))
-    assert 0 < len(different) <= 100
-    same, _ = engine.distance_samples([ds], max_pairs=4)
-    assert len(same) == 4  # capped
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

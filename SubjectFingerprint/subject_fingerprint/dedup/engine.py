@@ -164,34 +164,3 @@ def subject_pairs(datasets: List[EmbeddedDataset], pairs: List[ImagePair],
             r.probability = float(prob)
     result.sort(key=lambda r: (r.min_distance, -r.n_close_pairs))
     return result
-
-
-def distance_samples(datasets: List[EmbeddedDataset], max_pairs: int = 20000, seed: int = 0):
-    """Distances of same-subject pairs (same ID within a dataset) and of a random sample of
-    different-subject pairs, for the histogram."""
-    rng = np.random.default_rng(seed)
-    same, diff = [], []
-    for ds in datasets:
-        rows: Dict[str, List[int]] = defaultdict(list)
-        for i, s in enumerate(ds.subject_ids.tolist()):
-            rows[s].append(i)
-        for idx in rows.values():
-            if len(same) >= max_pairs:
-                break
-            if len(idx) < 2:
-                continue
-            # All pairs of one subject's images at once (upper triangle), not one by one.
-            emb = ds.embeddings[idx].astype(np.float64)
-            k, m = np.triu_indices(len(idx), 1)
-            same.extend(np.linalg.norm(emb[k] - emb[m], axis=1).tolist())
-    everything = np.concatenate([ds.embeddings for ds in datasets]) if datasets else np.zeros((0, 1))
-    labels = np.concatenate([[f"{a}\x00{s}" for s in ds.subject_ids.tolist()]
-                             for a, ds in enumerate(datasets)]) if datasets else np.zeros(0)
-    n = len(everything)
-    if n >= 2:
-        i = rng.integers(0, n, size=max_pairs * 2)
-        j = rng.integers(0, n, size=max_pairs * 2)
-        keep = labels[i] != labels[j]
-        i, j = i[keep][:max_pairs], j[keep][:max_pairs]
-        diff = np.linalg.norm(everything[i] - everything[j], axis=1).tolist()
-    return np.array(same[:max_pairs]), np.array(diff)
