@@ -85,10 +85,10 @@ def _run(exports, out, *extra):
 
 
 def _check_calibration(result):
-    """Observed false pairs within twice the stated expectation (plus one pair: below an
-    expectation of 0.5, twice it would demand exactly none), and the mean posterior of the
-    reported pairs near their observed precision (once there are enough pairs to measure it)."""
-    assert result["false"] <= 2 * result["expected_false"] + 1, result
+    """Observed false pairs within twice the stated expectation (the issue's bound: below an
+    expectation of 0.5 it demands none), and the mean posterior of the reported pairs near
+    their observed precision (once there are enough pairs to measure it)."""
+    assert result["false"] <= 2 * result["expected_false"], result
     if result["reported"] >= 5:
         assert abs(result["mean_posterior"] - result["precision"]) <= 0.15, result
 
