@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .distances import sq_norms, squared_euclidean
 from .errors import ModelMismatchError
 
 # Float32 distance products lose a few digits; keep this many extra candidates per query so
@@ -58,7 +59,7 @@ def knn(gallery: np.ndarray, queries: np.ndarray, k: int, block_size: Optional[i
     if k == 0 or q == 0:
         return np.zeros((q, k)), np.zeros((q, k), dtype=np.int64)
     if gallery_sq_norms is None:
-        gallery_sq_norms = np.einsum("ij,ij->i", gallery, gallery)
+        gallery_sq_norms = sq_norms(gallery)
     out_d = np.empty((q, k))
     out_i = np.empty((q, k), dtype=np.int64)
     chunk = _knn_chunk if q < _PRUNED_MIN_QUERIES else _batched_kernel()
@@ -143,16 +144,13 @@ def _knn_chunk(gallery, g_norms, queries, k, block_size):
     n = gallery.shape[0]
     q = queries.shape[0]
     keep = min(n, k + _EXTRA)  # candidates carried between blocks
-    q_norms = np.einsum("ij,ij->i", queries, queries)
+    q_norms = sq_norms(queries)
     best_d = np.full((q, 0), np.inf, dtype=np.float32)
     best_i = np.zeros((q, 0), dtype=np.int64)
     rows = _block_rows(q, block_size)
     for start in range(0, n, rows):
         block = gallery[start:start + rows]
-        d2 = queries @ block.T
-        d2 *= -2.0
-        d2 += q_norms[:, None]
-        d2 += g_norms[start:start + rows][None, :]
+        d2 = squared_euclidean(queries, block, q_norms, g_norms[start:start + rows])
         take = min(keep, d2.shape[1])
         if take < d2.shape[1]:
             part = np.argpartition(d2, take - 1, axis=1)[:, :take]
@@ -201,14 +199,11 @@ def _subjects_exhaustive(library, queries, k, block_size):
     codes, keys = library.subject_codes()
     gallery, g_norms = library.embeddings, library.squared_norms
     q, n_subjects = len(queries), len(keys)
-    q_norms = np.einsum("ij,ij->i", queries, queries)
+    q_norms = sq_norms(queries)
     best = np.full((q, n_subjects), np.inf, dtype=np.float32)
     rows = _block_rows(q, block_size)
     for start in range(0, len(gallery), rows):
-        d2 = queries @ gallery[start:start + rows].T
-        d2 *= -2.0
-        d2 += q_norms[:, None]
-        d2 += g_norms[start:start + rows][None, :]
+        d2 = squared_euclidean(queries, gallery[start:start + rows], q_norms, g_norms[start:start + rows])
         block_codes = codes[start:start + rows]
         for qi in range(q):
             np.minimum.at(best[qi], block_codes, d2[qi])

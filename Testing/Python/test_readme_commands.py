@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-SKIP_PREFIXES = ("python3 -m pip", "python3 -m pytest", "python3 Testing/", "Slicer ")
+# torchrun is run, with two processes as in the README, by test_index_distributed.py.
+SKIP_PREFIXES = ("python3 -m pip", "python3 -m pytest", "python3 Testing/", "Slicer ", "torchrun ")
 SLICER_MODULES = re.compile(r"^\s*(import|from)\s+(slicer|SubjectFingerprint|FingerprintTraining)\b", re.M)
 # Small settings for the expensive commands (the README's own values are for real runs).
 SMALL = {"train": ["--steps", "2", "--quiet"], "evaluate": ["--episodes", "5", "--bootstrap", "20", "--no-plots", "--quiet"]}
