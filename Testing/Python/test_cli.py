@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,9 @@ import pytest
 from PIL import Image
 
 from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
-from subject_fingerprint.cli import main
 from subject_fingerprint.library import EmbeddingLibrary
 from subject_fingerprint.preprocess import Preprocessing
-
-
-def run_cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
+from runners import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,13 @@ output folder after a failure."""
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
 from subject_fingerprint import checkpoint
 from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
-from fingerprint_training.cli import main
 from subject_fingerprint.preprocess import Preprocessing
-
-
-def run_cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
+from runners import run_cli
 
 
 @pytest.fixture(scope="module")

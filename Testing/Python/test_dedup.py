@@ -4,11 +4,9 @@ the HTML page in a real headless Chromium."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 import subprocess
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +15,13 @@ from PIL import Image
 
 from dicom_factory import write_xray
 from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
-from subject_fingerprint.cli import main
 from subject_fingerprint.dedup import engine
 from subject_fingerprint.embed import Embedder
 from subject_fingerprint.preprocess import Preprocessing
 from subject_fingerprint.records import ImageRecord, LoadedImage
+from runners import run_cli
 
 EVIL = "<script>alert(1)</script>&\"'"
-
-
-def run_cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def sample_images(sample_data):

@@ -3,7 +3,6 @@ shipped model on exports with a known answer (planted shared subjects and copies
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from subject_fingerprint import posterior as post
 from subject_fingerprint.cli import main
+from runners import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "Resources/Models/starter-2d-cxr.pt"
@@ -19,11 +19,7 @@ SPLIT = REPO / "Resources/Splits/cxr14-subset-64px-seed42.json"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_dedup_planted", REPO / "Testing/benchmark_dedup_planted.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_dedup_planted")
 
 
 # -- units -------------------------------------------------------------------------------------

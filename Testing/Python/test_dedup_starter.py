@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from subject_fingerprint.cli import main
+from runners import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "Resources/Models/starter-2d-cxr.pt"
@@ -19,11 +19,7 @@ SPLIT = REPO / "Resources/Splits/cxr14-subset-64px-seed42.json"
 
 
 def _planted_builder():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_dedup_planted", REPO / "Testing/benchmark_dedup_planted.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build
+    return load_script("benchmark_dedup_planted").build
 
 
 @pytest.mark.slow

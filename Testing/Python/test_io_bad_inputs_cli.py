@@ -8,7 +8,6 @@ import io
 import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,20 +18,13 @@ from PIL import Image
 
 from dicom_factory import write_dicomdir, write_non_image, write_xray
 from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
-from subject_fingerprint.cli import main
 from subject_fingerprint.library import EmbeddingLibrary
 from subject_fingerprint.preprocess import Preprocessing
 from subject_fingerprint.records import ImageRecord
+from runners import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(13)
-
-
-def run_cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def _env(**extra):

@@ -1,19 +1,16 @@
 """Testing/reproduce_models.py: every recipe builds a valid train / evaluate command line over
 committed split files (nothing is trained here)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from runners import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("reproduce_models", REPO / "Testing" / "reproduce_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("reproduce_models")
 
 
 def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
