@@ -102,7 +102,10 @@ def _add_train(sub) -> None:
                    help="first train this many steps with every image (singletons too) as its own "
                         "subject, positives = augmented copies")
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--no-amp", action="store_true", help="no float16 mixed precision on CUDA")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast on a CPU with bf16 units (AMX, AVX-512 BF16): 2-3x faster "
+                        "steps; --resume then matches an uninterrupted run only to bf16 rounding")
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-episodes", type=int, default=100)
     p.add_argument("--val-n-way", type=int, default=20)
@@ -135,7 +138,7 @@ def config_from_args(args):
         augment_preset=getattr(args, "augment_preset", "paper"), init_from=getattr(args, "init_from", None),
         val_moved=getattr(args, "val_moved", False),
         pretrain_steps=args.pretrain_steps,
-        device=args.device, amp=not args.no_amp, val_every=args.val_every,
+        device=args.device, amp=not args.no_amp, cpu_bf16=args.bf16, val_every=args.val_every,
         val_episodes=args.val_episodes, val_n_way=args.val_n_way, val_k_shot=args.val_k_shot,
         patience=args.patience, resume=args.resume, seed=args.seed, cross_modal=args.cross_modal,
         max_minutes=args.max_minutes, progress=not args.quiet, calibrate=not args.no_calibrate,

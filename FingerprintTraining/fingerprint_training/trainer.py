@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from monai.optimizers import WarmupCosineSchedule
+from subject_fingerprint.backends import cpu_has_bf16
 from subject_fingerprint.csvsafe import SafeDictWriter
 from subject_fingerprint.device import resolve_device
 from subject_fingerprint.model import FingerprintModel
@@ -74,7 +75,8 @@ class TrainConfig:
     val_moved: bool = False          # 3D: validate on rigidly moved volumes (sources.py, moved.py)
     pretrain_steps: int = 0          # instance-discrimination steps (each image a "subject") first
     device: str = "auto"
-    amp: bool = True                 # mixed precision; only ever used on CUDA
+    amp: bool = True                 # float16 mixed precision on CUDA
+    cpu_bf16: bool = False           # bfloat16 autocast on a CPU with bf16 units (not bit-exact)
     val_every: int = 100             # 0 = validate only at the end
     val_episodes: int = 100
     val_n_way: int = 20
@@ -120,6 +122,25 @@ class TrainResult:
     interrupted: bool = False
     seconds: float = 0.0
     last_loss: Optional[float] = None
+
+
+def _amp_for(device, cuda_amp: bool, cpu_bf16: bool):
+    """(enabled, dtype) of mixed precision: float16 with loss scaling on CUDA; bfloat16 on a
+    CPU with bf16 units when asked (AMX: 2-3x faster steps), decided from the CPU flags at run
+    time. CPU bf16 is opt-in because oneDNN's bf16 kernels are not bitwise reproducible: a
+    resumed run then matches the uninterrupted one only to bf16 rounding."""
+    if cuda_amp and device.type == "cuda":
+        return True, torch.float16
+    if cpu_bf16 and device.type == "cpu":
+        if not cpu_has_bf16():
+            print("--bf16: this CPU has no bfloat16 units (amx_bf16/avx512_bf16); training in float32")
+            return False, torch.float32
+        return True, torch.bfloat16
+    return False, torch.float32
+
+
+def _memory_format(dims: int):
+    return torch.channels_last if dims == 2 else torch.channels_last_3d
 
 
 def _seed_for(*parts: int) -> int:
@@ -191,6 +212,9 @@ class Trainer:
         if config.init_from:
             load_initial_weights(self.model, config.init_from)
         self.model.network.to(self.device)
+        if self.device.type == "cpu":
+            # oneDNN's channels-last convolutions are ~1.4x faster than NCHW in training too.
+            self.model.network.to(memory_format=_memory_format(config.dims))
         self.network = ddp.wrap(self.model.network, self.ctx)
         self.sampler = SubjectBatchSampler(train_set.labels, config.batch_subjects,
                                            config.images_per_subject, seed=config.seed,
@@ -216,8 +240,9 @@ class Trainer:
             self.optimizer, warmup_steps=config.warmup, t_total=config.steps,
             end_lr=config.lr * config.min_lr_ratio,
             warmup_multiplier=1.0 / config.warmup if config.warmup > 0 else 0.0)
-        self.use_amp = bool(config.amp) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.use_amp, self.amp_dtype = _amp_for(self.device, config.amp, config.cpu_bf16)
+        # bfloat16 has float32's range: only float16 needs loss scaling.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.aug_config = preset(config.augment_preset, config.dims) if config.augment else AugmentConfig()
         self.out = Path(config.out)
         self.writes = config.write_outputs and self.ctx.is_main
@@ -252,7 +277,9 @@ class Trainer:
             x = augment_batch(x, gen, self.aug_config)
         mine_gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, step, rank, 2))
         self.network.train()
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=_memory_format(self.cfg.dims))
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             emb = self.network(x)
         loss, stats = self.objective(emb.float(), labels, groups, generator=mine_gen, step=step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +304,9 @@ class Trainer:
         out = []
         for i in range(0, images.shape[0], batch_size):
             x = images[i:i + batch_size].to(self.device)
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=_memory_format(self.cfg.dims))
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 out.append(net(x).float().cpu())
         net.train(was_training)
         emb = torch.cat(out)
@@ -312,6 +341,7 @@ class Trainer:
             "train_summary": self.train_set.summary(),
             "val_summary": self.val_set.summary() if self.val_set is not None else None,
             "world_size": self.ctx.world_size, "device": str(self.device),
+            "mixed_precision": str(self.amp_dtype).replace("torch.", "") if self.use_amp else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "seconds": round(self.seconds_before, 1),
         })

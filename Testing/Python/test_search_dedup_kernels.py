@@ -30,8 +30,9 @@ def test_pruned_knn_matches_brute_force(block, use_faiss, monkeypatch):
     assert list(i[5, :11]) == [0] + list(range(700, 710))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 @pytest.mark.parametrize("same", [False, True])
-def test_close_pairs_match_brute_force(same):
+def test_close_pairs_match_brute_force(same, precision):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((900, 8)).astype(np.float32)
     y = x if same else rng.standard_normal((700, 8)).astype(np.float32)
@@ -39,13 +40,35 @@ def test_close_pairs_match_brute_force(same):
         y[:30] = x[:30] + 0.01
     full = euclidean(x, y)
     threshold = float(np.quantile(full, 0.002))
-    ii, jj, dd = close_pairs(x, y, threshold, same=same, block=64)
+    ii, jj, dd = close_pairs(x, y, threshold, same=same, block=64, precision=precision)
     want = np.argwhere(full <= threshold)
     if same:
         want = want[want[:, 0] < want[:, 1]]
     got = sorted(zip(ii.tolist(), jj.tolist()))
     assert got == sorted(map(tuple, want.tolist())) and len(got) > 30
     np.testing.assert_allclose(dd, full[ii, jj], atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_bf16_first_pass_keeps_pairs_at_the_threshold(scale):
+    """Pairs a hair inside and outside the threshold, at two norm scales and with uneven norms:
+    the bf16 first pass (an approximate GEMM) must not lose a single one of the inside pairs."""
+    rng = np.random.default_rng(6)
+    threshold = 0.9 * scale
+    x = (rng.standard_normal((400, 128)) * scale / 4).astype(np.float32)
+    x[:50] *= 3.0  # uneven norms: the margin is per row, against the largest |y|
+    direction = rng.standard_normal((400, 128))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    factor = np.where(np.arange(400) % 2 == 0, 1 - 1e-3, 1 + 1e-3)  # inside / outside
+    y = (x + direction * (threshold * factor)[:, None]).astype(np.float32)
+    want = close_pairs(x, y, threshold, precision="fp32")
+    got = close_pairs(x, y, threshold, precision="bf16", block=128)
+    pairs = lambda r: sorted(zip(r[0].tolist(), r[1].tolist()))  # noqa: E731
+    assert pairs(got) == pairs(want)
+    assert {(i, i) for i in range(0, 400, 2)} <= set(pairs(got))
+    assert not {(i, i) for i in range(1, 400, 2)} & set(pairs(got))
+    order = lambda r: np.lexsort((r[1], r[0]))  # noqa: E731
+    np.testing.assert_array_equal(got[2][order(got)], want[2][order(want)])  # both exact float64
 
 
 def test_rank_reads_only_the_rows_it_reports(tmp_path, monkeypatch):
