@@ -141,12 +141,14 @@ class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
         def work(task):
             from SubjectFingerprintLib.resultstable import resultRows
             from subject_fingerprint.embed import Embedder
+            from subject_fingerprint.lookup import library_backend
             from subject_fingerprint.search import rank
 
             model = self.loadModel(modelPath)
             model.check_image(loaded)
             library = self.openLibrary(libraryPath, model)
-            embedding = Embedder(model, device=device).embed_loaded([loaded])
+            backend = library_backend(library, model, device)
+            embedding = Embedder(model, device=device, backend=backend).embed_loaded([loaded])
             return resultRows(rank(library, embedding, k=int(k), calibration=model.calibration)[0])
 
         return self._startTask(work, "find", waitForCompletion, onLog, queryName=volumeNode.GetName())
@@ -196,12 +198,15 @@ class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
         def work(task):
             from subject_fingerprint.embed import Embedder
             from subject_fingerprint.library import EmbeddingLibrary
+            from subject_fingerprint.lookup import library_backend
 
             model = self.loadModel(modelPath)
             model.check_image(loaded)
-            embedding = Embedder(model, device=device).embed_loaded([loaded])
             with EmbeddingLibrary.open(libraryPath, mode="a", model=model) as lib:
-                result = lib.add([loaded.record], [loaded.content_hash], embedding)
+                embedder = Embedder(model, device=device, backend=library_backend(lib, model, device))
+                embedding = embedder.embed_loaded([loaded])
+                result = lib.add([loaded.record], [loaded.content_hash], embedding,
+                                 backends=[embedder.backend])
             task.log(_("{path}: {n} image added").format(path=libraryPath, n=result.added))
             return int(result.added)
 

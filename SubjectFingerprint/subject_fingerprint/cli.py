@@ -26,13 +26,14 @@ from .errors import EXIT_ERROR, EXIT_FOUND, EXIT_OK, FingerprintError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _common_model_args(parser: argparse.ArgumentParser, backend: str = "auto") -> None:
+def _common_model_args(parser: argparse.ArgumentParser, backend: Optional[str] = "auto",
+                       default_text: str = "") -> None:
     parser.add_argument("--model", help="model checkpoint (.pt); default: the bundled starter model")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--backend", default=backend,
                         choices=("auto", "torch", "bf16", "onnx", "onnx-int8"),
-                        help=f"inference backend (default {backend}); auto times torch, bf16 "
+                        help=f"inference backend (default {default_text or backend}); auto times torch, bf16 "
                              "(CPUs with bf16 units) and ONNX Runtime on a check batch and keeps "
                              "the fastest whose embeddings match float32; onnx-int8 only on "
                              "request")
@@ -72,7 +73,9 @@ def _add_index(sub) -> None:
     p.add_argument("--library", required=True, help="embedding library (.h5); created if missing")
     p.add_argument("--dataset", default="", help="dataset name stored with each entry")
     p.add_argument("--manifest", help="CSV with subject_id,image_path[,modality,view]")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images decoded and stored together (default: 64 at 64 px, 16 for "
+                        "larger inputs: one CPU pass of 2^18 voxels, at least 16)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes that decode images while the model runs "
                         "(default: one per CPU core; 0 decodes in the main process)")
@@ -133,8 +136,10 @@ def _add_query(sub) -> None:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON list, one object per query")
     fmt.add_argument("--csv", action="store_true", help="CSV, one row per candidate subject")
-    # A few query images: the check batch of auto would cost more than it saves.
-    _common_model_args(p, backend="torch")
+    # A few query images: the check batch of auto would cost more than it saves; embedding
+    # them as the library was embedded puts a stored image at distance 0.
+    _common_model_args(p, backend=None, default_text="the backend that built the library "
+                       "if it runs here, else torch")
     p.set_defaults(func=_run_query)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -20,6 +21,22 @@ from .records import LoadedImage
 
 
 _CPU_VOXELS_PER_PASS = 1 << 18
+_MIN_BATCH, _MAX_BATCH = 16, 256
+
+
+def _pass_images(device, size) -> int:
+    """Images per forward pass on ``device`` for inputs of ``size`` (see Embedder.pass_size)."""
+    if device.type != "cpu":
+        return _MAX_BATCH
+    return max(1, _CPU_VOXELS_PER_PASS // max(1, int(np.prod(tuple(size)))))
+
+
+def default_batch_size(model) -> int:
+    """Images decoded and stored together: one CPU pass of 2^18 voxels (64 images of 64 x 64
+    px, where the bf16 and ONNX kernels need a batch that size to run at speed), at least 16
+    and at most 256."""
+    voxels = int(np.prod(tuple(model.preprocessing.size)))
+    return max(_MIN_BATCH, min(_MAX_BATCH, _CPU_VOXELS_PER_PASS // max(1, voxels)))
 
 
 @dataclass
@@ -119,20 +136,21 @@ class Embedder:
     ``backend_choice`` what the check measured.
     """
 
-    def __init__(self, model, device="auto", batch_size: int = 16, num_workers: int = 0,
+    def __init__(self, model, device="auto", batch_size: Optional[int] = None, num_workers: int = 0,
                  loader=None, progress: bool = True, amp: bool = True,
                  channels_last: bool = True, backend: str = "torch"):
         """``loader(record) -> LoadedImage`` defaults to ``subject_fingerprint.io.load_image``
         (tests inject their own). ``amp`` allows float16 autocast on CUDA with the torch
         backend; ``channels_last`` stores activations NHWC/NDHWC for the torch backends (on
         the CPU the NCHW path is 1.1-1.7x slower and slower per image at batch 8 than at 1).
-        ``num_workers=None`` sizes the decoding workers to the cores."""
+        ``num_workers=None`` sizes the decoding workers to the cores; ``batch_size=None`` takes
+        :func:`default_batch_size`."""
         from .backends import cpu_cores
         from .device import resolve_device
 
         self.model = model
         self.device, self.device_notice = resolve_device(device)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = max(1, int(batch_size or default_batch_size(model)))
         if num_workers is None:
             num_workers = cpu_cores() if cpu_cores() > 1 else 0
         self.num_workers = max(0, int(num_workers))
@@ -152,7 +170,7 @@ class Embedder:
     def backend_choice(self):
         """The backend in use; ``auto`` is decided on first use, so a run that finds every
         image already stored never pays for the check."""
-        from .backends import Choice, TorchRunner, choose
+        from .backends import Choice, TorchRunner, check_batch, choose
 
         if self._choice is None:
             request = self._backend_request
@@ -161,7 +179,11 @@ class Embedder:
                                      channels_last=self._channels_last)
                 self._choice = Choice(runner, "torch")
             else:
-                self._choice = choose(self.model, request, self.device)
+                # Measured on a batch shaped like the real passes: at 64 px ONNX wins at 2
+                # images and bf16 at 64, by 2x either way.
+                batch = min(self.batch_size, _pass_images(self.device, self.model.preprocessing.size))
+                self._choice = choose(self.model, request, self.device,
+                                      check=check_batch(self.model, batch))
         return self._choice
 
     @property
@@ -196,8 +218,7 @@ class Embedder:
         slower per image than batch 1 with every backend (BENCHMARKS.md)."""
         if self.device.type != "cpu":
             return int(x.shape[0])
-        voxels = int(np.prod(x.shape[1:]))
-        return max(1, _CPU_VOXELS_PER_PASS // max(1, voxels))
+        return _pass_images(self.device, x.shape[2:])
 
     def iter_batches(self, records, skip_hashes=None):
         """Yield one ``EmbeddedBatch`` per ``batch_size`` records, in record order.

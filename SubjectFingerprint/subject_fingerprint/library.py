@@ -7,7 +7,8 @@ Layout (readable with plain h5py; strings are UTF-8, read them with ``dset.asstr
     /content_hash  fixed-length UTF-8 string (N,) (64 bytes for a SHA-256 hex digest; widened
                    if a longer hash ever comes)
     /added         float64 (N,) unix time the entry was added
-    attrs: format_version (int), model_id (str), model_metadata (JSON text), embedding_dim (int)
+    attrs: format_version (int), model_id (str), model_metadata (JSON text), embedding_dim (int),
+           embedding_backends (JSON list of the inference backends that made the rows)
 
 Crash safety (copy-on-write). A published library file is never modified in place. A write
 session copies the file to ``<name>.tmp-<pid>-<random>`` in the same folder the first time it
@@ -756,6 +757,18 @@ class EmbeddingLibrary:
         data = {c: self.column(c, indices) for c in columns}
         return [{c: data[c][i] for c in columns} for i in range(len(np.atleast_1d(indices)))]
 
+    @property
+    def backends(self) -> List[str]:
+        """Inference backends that made the stored embeddings (empty for older libraries)."""
+        self._check_open()
+        raw = self._h5.attrs.get("embedding_backends", "[]")
+        raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+        try:
+            names = json.loads(raw)
+        except ValueError:
+            return []
+        return [str(n) for n in names] if isinstance(names, list) else []
+
     def info(self) -> dict:
         """Summary: path, entries, subjects, datasets with counts, model, sizes."""
         self._check_open()
@@ -776,6 +789,7 @@ class EmbeddingLibrary:
             "datasets": datasets,
             "model_id": self.model_id,
             "embedding_dim": self.embedding_dim,
+            "embedding_backends": self.backends,
             "format_version": self.format_version,
             "file_size_bytes": self.path.stat().st_size if self.path.exists() else 0,
             "first_added": _iso(added.min()) if n else None,
@@ -807,9 +821,11 @@ class EmbeddingLibrary:
         return out
 
     def add(self, records: Sequence, content_hashes: Optional[Sequence[str]], embeddings,
-            skip_duplicates: bool = True) -> AddResult:
+            skip_duplicates: bool = True, backends: Sequence[str] = ()) -> AddResult:
         """Append entries; exact duplicates (same content hash as a stored entry or an earlier
         one in this call) are skipped and reported unless ``skip_duplicates=False``.
+        ``backends`` (the inference backends that made the embeddings) join the library's
+        :attr:`backends`, so that queries can embed the way the library did.
 
         The rows are published by ``commit()`` / ``close()``; a crash before that leaves the
         library as it was.
@@ -874,6 +890,9 @@ class EmbeddingLibrary:
         try:
             with _quiet_dealloc_errors():
                 self._write_rows(f, n0, m, new_hashes, new_emb, texts)
+                new = set(self.backends) | {str(b) for b in backends if b}
+                if new != set(self.backends):
+                    f.attrs["embedding_backends"] = json.dumps(sorted(new))
         except BaseException as exc:
             # The working copy may be half-changed: drop it (and this session's uncommitted
             # changes); the published library is untouched. Frames of the error hold dataset
@@ -1007,7 +1026,7 @@ def merge_libraries(sources: Sequence, into, skip_duplicates: bool = True,
                                for i in range(len(rows))]
                     part = target.add(records, cols["content_hash"].tolist(),
                                       src.embeddings[lo:lo + len(rows)],
-                                      skip_duplicates=skip_duplicates)
+                                      skip_duplicates=skip_duplicates, backends=src.backends)
                     total.added += part.added
                     total.duplicates.extend(part.duplicates)
     return total

@@ -98,7 +98,7 @@ def index(
     dataset: str = "",
     manifest: Optional[Union[str, Path]] = None,
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: Optional[int] = None,
     num_workers: int = 0,
     skip_duplicates: bool = True,
     progress: Union[bool, ProgressFn] = True,
@@ -167,7 +167,7 @@ def index(
                 model_s += batch.model_seconds
                 if len(batch.records):
                     result = lib.add(batch.records, batch.content_hashes, batch.embeddings,
-                                     skip_duplicates=skip_duplicates)
+                                     skip_duplicates=skip_duplicates, backends=[embedder.backend])
                     report.added += result.added
                     report.duplicates += len(result.duplicates)
                 if not transactional:
@@ -190,6 +190,23 @@ def index(
     logger.info("indexed %d images into %s in %.1f s (%d duplicates, %d failures)",
                 report.added, library, report.seconds, report.duplicates, len(report.failures))
     return report
+
+
+def library_backend(lib, fmodel, device) -> str:
+    """The backend that embedded the whole library, if it runs here; else eager torch (the
+    one to embed a few more images with, so they compare with the stored ones exactly)."""
+    from .backends import make_runner
+    from .device import resolve_device
+
+    if len(lib.backends) != 1 or lib.backends[0] in ("torch", "auto"):
+        return "torch"
+    try:
+        make_runner(fmodel, lib.backends[0], resolve_device(device)[0])
+    except ValueError as exc:
+        logger.info("library made with %s, which cannot run here (%s): querying with torch",
+                    lib.backends[0], exc)
+        return "torch"
+    return lib.backends[0]
 
 
 def _calibration_notice(lib, fmodel) -> str:
@@ -273,7 +290,7 @@ def query(
     device: str = "auto",
     failures: Optional[List[Failure]] = None,
     notices: Optional[List[str]] = None,
-    backend: str = "torch",
+    backend: Optional[str] = None,
     prior_in_library: float = PRIOR_IN_LIBRARY,
     level: float = MATCH_LEVEL,
 ):
@@ -288,6 +305,10 @@ def query(
 
     With a calibrated model the probabilities are open-set posteriors (see :func:`open_set`)
     and ``result.open_set`` names the matching subject, or says that none matches.
+
+    ``backend=None`` embeds the queries as the library's images were embedded (the one backend
+    it records, if that runs here; else eager float32), so an image that is in the library is
+    found at distance 0, not at bf16's rounding distance.
     """
     from .embed import Embedder
     from .library import EmbeddingLibrary
@@ -317,6 +338,8 @@ def query(
             loaded.append(item)
         if not loaded:
             return []
+        if backend is None:
+            backend = library_backend(lib, fmodel, device)
         embeddings = Embedder(fmodel, device=device, backend=backend).embed_loaded(loaded)
         results = rank(lib, embeddings, k=k, calibration=fmodel.calibration)
         if fmodel.calibration is not None:

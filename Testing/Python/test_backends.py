@@ -100,3 +100,55 @@ def test_large_cpu_batches_run_in_smaller_passes(model, monkeypatch, one_torch_t
     monkeypatch.setattr(embed_module, "_CPU_VOXELS_PER_PASS", 2 * 32 * 32)
     np.testing.assert_allclose(embedder.embed_tensor(x).numpy(), whole, rtol=1e-4, atol=1e-5)
     assert calls == [2, 2, 1] and embedder.embedded_count == 10
+
+
+def test_default_batch_is_one_cpu_pass_and_auto_checks_on_it(model, cache, monkeypatch,
+                                                               one_torch_thread):
+    from subject_fingerprint.embed import default_batch_size
+
+    assert default_batch_size(model) == 256                       # 32x32 px: capped at 256
+    big = FingerprintModel.create(2, depth=10, embedding_dim=16,
+                                  preprocessing=Preprocessing(spatial_dims=2, size=(512, 512)))
+    assert default_batch_size(big) == 16                          # one image per pass, 16 stored together
+    seen = []
+    real = backends.choose
+    monkeypatch.setattr(backends, "choose", lambda m, b, d, check=None: (seen.append(check.shape),
+                                                                        real(m, b, d, check))[1])
+    embedder = Embedder(model, device="cpu", progress=False, batch_size=40, backend="auto")
+    embedder.embed_tensor(backends.check_batch(model, 3))
+    assert seen == [(40, 1, 32, 32)]  # the real pass size, not 2 images
+
+
+def test_queries_embed_as_the_library_was_embedded(model, cache, tmp_path, one_torch_thread):
+    """An index made with one backend records it; a query then uses it by default, so a stored
+    image comes back at distance 0 (ONNX stands in for bf16, which not every CPU has); merged
+    libraries keep the record."""
+    from PIL import Image
+
+    from subject_fingerprint import lookup
+    from subject_fingerprint.library import EmbeddingLibrary, merge_libraries
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    for s in range(3):
+        (folder / f"S{s}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(
+                folder / f"S{s}" / f"{i}.png")
+    lib = tmp_path / "lib.h5"
+    assert lookup.index([str(folder)], lib, model=model, device="cpu", backend="onnx",
+                        progress=False).backend == "onnx"
+    with EmbeddingLibrary.open(lib) as opened:
+        assert opened.backends == ["onnx"] and opened.info()["embedding_backends"] == ["onnx"]
+        assert lookup.library_backend(opened, model, "cpu") == "onnx"
+    image = str(folder / "S1" / "0.png")
+    [answer] = lookup.query([image], lib, model=model, k=2, device="cpu")
+    assert answer.subjects[0].distance == 0.0
+    merged = tmp_path / "merged.h5"
+    other = tmp_path / "other.h5"
+    lookup.index([str(folder / "S0")], other, model=model, device="cpu", backend="torch",
+                 progress=False, skip_duplicates=False)
+    merge_libraries([lib, other], merged, skip_duplicates=False)
+    with EmbeddingLibrary.open(merged) as opened:
+        assert opened.backends == ["onnx", "torch"]
+        assert lookup.library_backend(opened, model, "cpu") == "torch"  # mixed: float32
