@@ -56,12 +56,15 @@ def evaluate_embeddings(embeddings, labels, ways: Sequence[int] = DEFAULT_WAYS,
                         threshold: Optional[float] = None, baselines: Sequence = (),
                         retrieval: bool = True, verification: bool = True, clusters: bool = True,
                         n_boot: int = 1000, max_negatives: int = 200000,
-                        baseline_max_pairs: int = SSIM_MAX_PAIRS, keep_pair_distances: bool = False) -> dict:
+                        baseline_max_pairs: int = SSIM_MAX_PAIRS, keep_pair_distances: bool = False,
+                        pair_head=None) -> dict:
     """Every figure of an evaluation, from embeddings and subject labels (no files).
 
     ``baselines``: objects from ``fingerprint_training.baselines`` (``name``, ``block``,
     callable ``(query, supports)``) over the same images, scored on the same episodes.
     Settings the data cannot support are listed in ``"notes"`` instead of failing.
+    ``pair_head`` (a ``verification.PairHead``) adds ``"verification_head"``: the same pairs
+    scored by the head's P(same subject) instead of the distance.
     """
     e = np.asarray(embeddings, dtype=np.float64)
     labels = np.asarray(labels)
@@ -97,6 +100,16 @@ def evaluate_embeddings(embeddings, labels, ways: Sequence[int] = DEFAULT_WAYS,
                 pos, neg, threshold=threshold, n_boot=n_boot, seed=seed)
             if keep_pair_distances:
                 out["_pair_distances"] = (pos, neg)
+            if pair_head is not None:
+                from subject_fingerprint.verification import pair_probabilities
+
+                def dissimilarity(pairs):  # 1 - P(same): ranked like a distance
+                    f = e.astype(np.float32)
+                    return 1.0 - pair_probabilities(pair_head, f[pairs[:, 0]], f[pairs[:, 1]])
+
+                out["verification_head"] = M.verification_from_distances(
+                    dissimilarity(pos_pairs), dissimilarity(neg_pairs), threshold=0.5,
+                    n_boot=n_boot, seed=seed)
         else:
             notes.append("verification skipped: needs same- and different-subject pairs")
     if clusters:
@@ -223,6 +236,9 @@ def results_markdown(result: dict, title: str = "") -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     rows = [(names.get(b, b), bases[b].get("verification")) for b in order] + \
         [("Ours", result.get("verification"))]
+    if result.get("verification_head"):
+        rows.append(("Ours, pair-verification head (1 - P(same); threshold 0.5)",
+                     result["verification_head"]))
     for name, v in rows:
         if not v:
             lines.append(f"| {name} |" + " – |" * 8)
@@ -367,7 +383,7 @@ def run(args) -> dict:
         max_r=args.max_r, groups=groups, distance=args.distance,
         threshold=calibration.threshold if calibration is not None else None,
         baselines=baselines, n_boot=args.bootstrap, baseline_max_pairs=args.ssim_max_pairs,
-        keep_pair_distances=True)
+        keep_pair_distances=True, pair_head=model.pair_head)
     result["notes"] = notes + result["notes"]
     if cal_info:
         result["calibration"] = cal_info

@@ -38,7 +38,8 @@ from .sampler import InstanceBatchSampler, SubjectBatchSampler
 
 STATE_FORMAT = "fingerprint-training-state/1"
 LOG_COLUMNS = ("step", "phase", "loss", "used_triplets", "active_triplets", "candidates", "memory",
-               "lr", "seconds", "val_mean_recall", "val_hit_1", "val_hit_5", "val_n_way")
+               "lr", "seconds", "val_mean_recall", "val_hit_1", "val_hit_5", "val_n_way",
+               "pair_accuracy")
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning)
     val_moved: bool = False          # 3D: validate on rigidly moved volumes (sources.py, moved.py)
     pretrain_steps: int = 0          # instance-discrimination steps (each image a "subject") first
+    verification_head: bool = False  # also train a pair-verification head (BCE, detached embeddings)
     device: str = "auto"
     amp: bool = True                 # float16 mixed precision on CUDA
     cpu_bf16: bool = False           # bfloat16 autocast on a CPU with bf16 units (not bit-exact)
@@ -230,8 +232,18 @@ class Trainer:
                                          xbm_size=config.xbm, embedding_dim=config.embedding_dim,
                                          cross_modal=config.cross_modal, pos_margin=config.pos_margin,
                                          xbm_start=config.xbm_start)
+        self.pair_head = None
+        if config.verification_head:
+            from subject_fingerprint.verification import PairHead
+
+            self.pair_head = PairHead(config.embedding_dim, normalize=config.normalize).to(self.device)
+            self.model.pair_head = self.pair_head
+            self.pair_head_ddp = ddp.wrap(self.pair_head, self.ctx)  # gradients averaged across ranks
         decay, no_decay = [], []
-        for name, p in self.network.named_parameters():
+        named = list(self.network.named_parameters())
+        if self.pair_head is not None:
+            named += list(self.pair_head.named_parameters(prefix="pair_head"))
+        for name, p in named:
             (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on norms/biases
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
@@ -282,18 +294,30 @@ class Trainer:
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             emb = self.network(x)
         loss, stats = self.objective(emb.float(), labels, groups, generator=mine_gen, step=step)
+        pair_accuracy = None
+        if self.pair_head is not None and phase == "train":
+            from subject_fingerprint.verification import batch_pair_loss
+
+            # Detached: the head learns to read the embeddings without changing them.
+            e = emb.detach().float()
+            self.pair_head.train()
+            pair_loss, pair_accuracy = batch_pair_loss(self.pair_head_ddp, e, labels.to(e.device))
+            loss = loss + pair_loss
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip and self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.grad_clip)
+            if self.pair_head is not None:
+                torch.nn.utils.clip_grad_norm_(self.pair_head.parameters(), self.cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return {"step": step, "phase": phase, "loss": float(loss.detach()),
                 "used_triplets": stats.used_triplets, "active_triplets": stats.active,
-                "candidates": stats.candidates, "memory": stats.memory, "lr": lr}
+                "candidates": stats.candidates, "memory": stats.memory, "lr": lr,
+                "pair_accuracy": pair_accuracy}
 
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -359,6 +383,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "xbm": self.objective.state_dict(),
+                "pair_head": (None if self.pair_head is None else
+                              {k: v.detach().cpu() for k, v in self.pair_head.state_dict().items()}),
                 "best_metric": self.best_metric, "best_step": self.best_step,
                 "best_validation": json.dumps(self.best_validation),
                 "bad_validations": self.bad_validations, "seconds": self.seconds_before,
@@ -382,7 +408,7 @@ class Trainer:
 
             raise CheckpointError(path, "damaged training state (no readable configuration)")
         for key in ("dims", "depth", "embedding_dim", "loss", "miner", "normalize", "xbm", "seed",
-                    "batch_subjects", "images_per_subject"):
+                    "batch_subjects", "images_per_subject", "verification_head"):
             if saved.get(key) != self.cfg.to_dict().get(key):
                 raise ValueError(f"cannot resume: {key} was {saved.get(key)!r}, now {self.cfg.to_dict().get(key)!r}")
         try:
@@ -399,6 +425,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(state["xbm"])
+        if self.pair_head is not None:
+            self.pair_head.load_state_dict(state["pair_head"])
         self.step = int(state["step"])
         self.best_metric, self.best_step = state["best_metric"], int(state["best_step"])
         self.best_validation = json.loads(state["best_validation"])

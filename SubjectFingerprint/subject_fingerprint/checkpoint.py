@@ -82,13 +82,20 @@ def save_checkpoint(model: FingerprintModel, path, half: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = dict(model.metadata)
     metadata["preprocessing"] = model.preprocessing.to_dict()
+    head = getattr(model, "pair_head", None)
+    metadata.pop("pair_head", None)
+    if head is not None:
+        metadata["pair_head"] = head.config()
     text = metadata_json(metadata)  # fails here, before any file is touched
-    state = {}
-    for name, tensor in model.network.state_dict().items():
-        tensor = tensor.detach().to("cpu").clone()
-        if half and tensor.is_floating_point():
-            tensor = tensor.half()
-        state[name] = tensor
+
+    def tensors(module):
+        out = {}
+        for name, tensor in module.state_dict().items():
+            tensor = tensor.detach().to("cpu").clone()
+            out[name] = tensor.half() if half and tensor.is_floating_point() else tensor
+        return out
+
+    state = tensors(model.network)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -97,6 +104,9 @@ def save_checkpoint(model: FingerprintModel, path, half: bool = False) -> Path:
         "weights_sha256": _weights_hash(state),
         "state_dict": state,
     }
+    if head is not None:
+        payload["pair_head_state"] = tensors(head)
+        payload["pair_head_sha256"] = _weights_hash(payload["pair_head_state"])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         # mkstemp makes the file private (0600); a model is meant to be shared. (Reading
@@ -174,11 +184,37 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(path, f"weights do not fit a {spatial_dims}D ResNet-{depth} "
                                     f"with {dim}-d output: {first}") from None
+    head = _load_pair_head(path, payload, metadata)
     from .device import resolve_device
 
-    network.to(resolve_device(device)[0])
+    model = FingerprintModel(network, preprocessing, metadata, pair_head=head)
+    model.to(resolve_device(device)[0])
     network.eval()
-    return FingerprintModel(network, preprocessing, metadata)
+    return model
+
+
+def _load_pair_head(path, payload, metadata):
+    """The verification head the metadata announces (None without one), hash-checked."""
+    import torch
+
+    config = metadata.get("pair_head")
+    if not config:
+        return None
+    state = payload.get("pair_head_state")
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(path, "the metadata names a pair-verification head but the file holds "
+                                    "no weights for it")
+    if _weights_hash(state) != payload.get("pair_head_sha256"):
+        raise CheckpointError(path, "pair-head weights do not match their recorded hash: the file was altered")
+    from .verification import PairHead
+
+    try:
+        head = PairHead.from_config(config)
+        head.load_state_dict({k: (t.float() if t.is_floating_point() else t) for k, t in state.items()})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(path, f"damaged pair-verification head ({type(exc).__name__}: "
+                                    f"{str(exc)[:200]})") from None
+    return head.eval()
 
 
 def default_model_path() -> Path:

@@ -77,8 +77,11 @@ class FingerprintModel:
     authoritative and is written into ``metadata["preprocessing"]`` on saving.
     """
 
-    def __init__(self, network, preprocessing: Preprocessing, metadata: dict | None = None):
+    def __init__(self, network, preprocessing: Preprocessing, metadata: dict | None = None,
+                 pair_head=None):
         self.network = network
+        # Optional verification.PairHead: P(same subject) of two embeddings, next to distance.
+        self.pair_head = pair_head
         self.preprocessing = preprocessing
         self.metadata = dict(metadata or {})
         for key, default in (("modalities", []), ("training", {}), ("calibration", None), ("metrics", {})):
@@ -182,6 +185,8 @@ class FingerprintModel:
 
     def to(self, device) -> "FingerprintModel":
         self.network.to(device)
+        if self.pair_head is not None:
+            self.pair_head.to(device)
         return self
 
     def __repr__(self) -> str:
