@@ -101,6 +101,10 @@ def _add_train(sub) -> None:
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="first train this many steps with every image (singletons too) as its own "
                         "subject, positives = augmented copies")
+    p.add_argument("--canonical-pose", action="store_true",
+                   help="resample each image into the frame of its intensity moments (centroid, "
+                        "principal axes) before the network: invariance to rigid motion by "
+                        "construction, for repeat scans that are not aligned (MRI)")
     p.add_argument("--verification-head", action="store_true",
                    help="also train a pair-verification head (Packhaeuser et al.: P(same subject) "
                         "of two embeddings, binary cross-entropy on every batch pair); it reads "
@@ -142,6 +146,7 @@ def config_from_args(args):
         augment_preset=getattr(args, "augment_preset", "paper"), init_from=getattr(args, "init_from", None),
         val_moved=getattr(args, "val_moved", False),
         pretrain_steps=args.pretrain_steps, verification_head=args.verification_head,
+        canonical_pose=args.canonical_pose,
         device=args.device, amp=not args.no_amp, cpu_bf16=args.bf16, val_every=args.val_every,
         val_episodes=args.val_episodes, val_n_way=args.val_n_way, val_k_shot=args.val_k_shot,
         patience=args.patience, resume=args.resume, seed=args.seed, cross_modal=args.cross_modal,

@@ -76,6 +76,7 @@ class TrainConfig:
     val_moved: bool = False          # 3D: validate on rigidly moved volumes (sources.py, moved.py)
     pretrain_steps: int = 0          # instance-discrimination steps (each image a "subject") first
     verification_head: bool = False  # also train a pair-verification head (BCE, detached embeddings)
+    canonical_pose: bool = False     # resample inputs into their moments' frame before the ResNet
     device: str = "auto"
     amp: bool = True                 # float16 mixed precision on CUDA
     cpu_bf16: bool = False           # bfloat16 autocast on a CPU with bf16 units (not bit-exact)
@@ -210,7 +211,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical initial weights on every rank and every run
         self.model = FingerprintModel.create(config.dims, depth=config.depth,
                                              embedding_dim=config.embedding_dim,
-                                             preprocessing=preprocessing, modalities=tuple(modalities))
+                                             preprocessing=preprocessing, modalities=tuple(modalities),
+                                             canonical_pose=config.canonical_pose)
         if config.init_from:
             load_initial_weights(self.model, config.init_from)
         self.model.network.to(self.device)
@@ -408,7 +410,7 @@ class Trainer:
 
             raise CheckpointError(path, "damaged training state (no readable configuration)")
         for key in ("dims", "depth", "embedding_dim", "loss", "miner", "normalize", "xbm", "seed",
-                    "batch_subjects", "images_per_subject", "verification_head"):
+                    "batch_subjects", "images_per_subject", "verification_head", "canonical_pose"):
             if saved.get(key) != self.cfg.to_dict().get(key):
                 raise ValueError(f"cannot resume: {key} was {saved.get(key)!r}, now {self.cfg.to_dict().get(key)!r}")
         try:

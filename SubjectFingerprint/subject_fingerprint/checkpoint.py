@@ -177,7 +177,7 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
     if _weights_hash(state) != payload.get("weights_sha256"):
         raise CheckpointError(path, "weights do not match their recorded hash: the file was altered")
     try:
-        network = build_network(spatial_dims, depth, dim)
+        network = build_network(spatial_dims, depth, dim, bool(arch.get("canonical_pose", False)))
         state = {k: (t.float() if t.is_floating_point() else t) for k, t in state.items()}
         network.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:

@@ -16,11 +16,14 @@ from .records import modality_family
 RESNET_DEPTHS = (10, 18, 34, 50, 101)
 
 
-def build_network(spatial_dims: int = 2, depth: int = 50, embedding_dim: int = 128):
+def build_network(spatial_dims: int = 2, depth: int = 50, embedding_dim: int = 128,
+                  canonical_pose: bool = False):
     """Return an untrained ResNet mapping ``(B, 1, *size)`` to ``(B, embedding_dim)``.
 
     MONAI's ``resnet{depth}``: standard stem (7-wide first convolution with stride 2, then max
-    pooling), one input channel, the final fully connected layer sized to the embedding.
+    pooling), one input channel, the final fully connected layer sized to the embedding. With
+    ``canonical_pose`` each image is first resampled into the frame of its own intensity
+    moments (``canonical_pose.CanonicalPose``: invariance to rigid motion by construction).
     """
     from monai.networks import nets
 
@@ -30,9 +33,14 @@ def build_network(spatial_dims: int = 2, depth: int = 50, embedding_dim: int = 1
         raise ValueError(f"ResNet depth must be one of {list(RESNET_DEPTHS)}, not {depth!r}")
     if int(embedding_dim) < 1:
         raise ValueError(f"embedding_dim must be positive, not {embedding_dim!r}")
-    return getattr(nets, f"resnet{depth}")(spatial_dims=spatial_dims, n_input_channels=1,
-                                           conv1_t_size=7, conv1_t_stride=2,
-                                           num_classes=int(embedding_dim))
+    resnet = getattr(nets, f"resnet{depth}")(spatial_dims=spatial_dims, n_input_channels=1,
+                                             conv1_t_size=7, conv1_t_stride=2,
+                                             num_classes=int(embedding_dim))
+    if canonical_pose:
+        from .canonical_pose import CanonicalPoseNetwork
+
+        return CanonicalPoseNetwork(resnet)
+    return resnet
 
 
 def check_image_fits(loaded, spatial_dims: int, modalities=()) -> None:
@@ -93,13 +101,14 @@ class FingerprintModel:
 
     @classmethod
     def create(cls, spatial_dims: int, depth: int = 50, embedding_dim: int = 128,
-               preprocessing: Preprocessing | None = None, modalities=()) -> "FingerprintModel":
+               preprocessing: Preprocessing | None = None, modalities=(),
+               canonical_pose: bool = False) -> "FingerprintModel":
         """A new, untrained model (random weights) of the given shape."""
         if preprocessing is None:
             preprocessing = Preprocessing.default(spatial_dims)
         if preprocessing.spatial_dims != spatial_dims:
             raise ValueError("preprocessing.spatial_dims does not match spatial_dims")
-        network = build_network(spatial_dims, depth, embedding_dim)
+        network = build_network(spatial_dims, depth, embedding_dim, canonical_pose)
         families = []
         for m in modalities:
             family = modality_family(m) if modality_family(m) != "other" else str(m).strip().lower()
@@ -110,6 +119,8 @@ class FingerprintModel:
                              "embedding_dim": int(embedding_dim)},
             "modalities": families,
         }
+        if canonical_pose:  # only when on: older models' architecture blocks stay as they were
+            metadata["architecture"]["canonical_pose"] = True
         return cls(network, preprocessing, metadata)
 
     # -- properties ------------------------------------------------------------------
