@@ -72,8 +72,12 @@ def _p_at_1(dist_fn, labels, groups):
 
 def evaluate_moved(fixed_emb, moved_emb, fixed_pix, moved_pix, labels, groups,
                    ways: Sequence[int] = (10,), shots: Sequence[int] = (1,),
-                   episodes: int = 100, seed: int = 0) -> dict:
-    """Model (Euclidean on embeddings) and pixel correlation, moved queries vs fixed supports."""
+                   episodes: int = 100, seed: int = 0, canonical_pix=None) -> dict:
+    """Model (Euclidean on embeddings) and pixel correlation, moved queries vs fixed supports.
+
+    ``canonical_pix`` (fixed, moved) adds a second baseline, "pixel_correlation_canonical":
+    pixel correlation after both sides were put in their canonical pose (canonical_pose.py),
+    the fair reference for a model that canonicalises its inputs itself."""
     from subject_fingerprint.distances import pairwise
 
     from . import metrics as M
@@ -89,6 +93,12 @@ def evaluate_moved(fixed_emb, moved_emb, fixed_pix, moved_pix, labels, groups,
     def pixel_d(q, s):
         return np.clip(1.0 - fz[np.asarray(s)] @ mz[q], 0.0, 2.0)
 
+    baselines = {"pixel_correlation": pixel_d}
+    if canonical_pix is not None:
+        cfz, cmz = (PixelCorrelation(np.asarray(a)).z for a in canonical_pix)
+        baselines["pixel_correlation_canonical"] = \
+            lambda q, s: np.clip(1.0 - cfz[np.asarray(s)] @ cmz[q], 0.0, 2.0)
+
     out = {"settings": [], "notes": []}
     for n in ways:
         for k in shots:
@@ -97,12 +107,13 @@ def evaluate_moved(fixed_emb, moved_emb, fixed_pix, moved_pix, labels, groups,
             except ValueError as exc:
                 out["notes"].append(str(exc))
                 continue
-            out["settings"].append({"n_way": int(n), "k_shot": int(k), "episodes": int(episodes),
-                                    "model": _scores(model_d, eps, labels),
-                                    "pixel_correlation": _scores(pixel_d, eps, labels)})
+            setting = {"n_way": int(n), "k_shot": int(k), "episodes": int(episodes),
+                       "model": _scores(model_d, eps, labels)}
+            setting.update({name: _scores(d, eps, labels) for name, d in baselines.items()})
+            out["settings"].append(setting)
     p_model, queries = _p_at_1(model_d, labels, groups)
-    p_pixel, _ = _p_at_1(pixel_d, labels, groups)
-    out["precision_at_1"] = {"model": p_model, "pixel_correlation": p_pixel, "queries": queries}
+    out["precision_at_1"] = {"model": p_model, "queries": queries}
+    out["precision_at_1"].update({name: _p_at_1(d, labels, groups)[0] for name, d in baselines.items()})
     return out
 
 
@@ -127,8 +138,14 @@ def run_moved(source: str, split_path: str, model_path: str, out: str, subset: s
     embedder = Embedder(model, device=device, batch_size=batch_size, progress=False)
     fixed_emb = _embed(embedder, ds.images, batch_size)
     moved_emb = _embed(embedder, moved, batch_size)
+    from subject_fingerprint.canonical_pose import CanonicalPose
+
+    pose = CanonicalPose()
+    with torch.no_grad():
+        canonical = (pose(ds.images).numpy(), pose(moved).numpy())
     res = evaluate_moved(fixed_emb, moved_emb, ds.images.numpy(), moved.numpy(),
-                         np.array(ds.subject_ids()), ds.groups, ways, shots, episodes, seed)
+                         np.array(ds.subject_ids()), ds.groups, ways, shots, episodes, seed,
+                         canonical_pix=canonical)
     res.update({"model": {"path": str(model_path), "model_id": model.model_id},
                 "source": str(source), "split": str(split_path), "subset": subset,
                 "images": len(ds), "subjects": len(set(ds.subject_ids())),
@@ -154,17 +171,21 @@ def moved_markdown(res: dict) -> str:
              f"Queries rotated up to {t['max_rotation_deg']} degrees about each axis and shifted up to "
              f"{100 * t['max_shift_fov']:.0f} % of the field of view (seed {t['seed']}); supports "
              f"unmoved and of another sequence.", "",
-             "| setting | model MRe@K | model Hit@5 | pixel corr. MRe@K | pixel Hit@5 | difference |",
-             "|---|---|---|---|---|---|"]
+             "| setting | model MRe@K | model Hit@5 | pixel corr. MRe@K | pixel Hit@5 | difference "
+             "| pixel corr. after canonical pose MRe@K |",
+             "|---|---|---|---|---|---|---|"]
     for s in res["settings"]:
         m, p = s["model"], s["pixel_correlation"]
+        c = s.get("pixel_correlation_canonical") or {}
         lines.append(f"| {s['n_way']}-way {s['k_shot']}-shot | {_pct(m['mean_recall_at_k'])} | "
                      f"{_pct(m['mean_hit_at_r'].get('5'))} | {_pct(p['mean_recall_at_k'])} | "
                      f"{_pct(p['mean_hit_at_r'].get('5'))} | "
-                     f"{100 * (m['mean_recall_at_k'] - p['mean_recall_at_k']):+.1f} |")
+                     f"{100 * (m['mean_recall_at_k'] - p['mean_recall_at_k']):+.1f} | "
+                     f"{_pct(c.get('mean_recall_at_k'))} |")
     p1 = res["precision_at_1"]
     lines += ["", f"P@1 (each moved query against every unmoved volume of another sequence, "
                   f"{p1['queries']} queries): model {_pct(p1['model'])}, pixel correlation "
-                  f"{_pct(p1['pixel_correlation'])}."]
+                  f"{_pct(p1['pixel_correlation'])}, pixel correlation after canonical pose "
+                  f"{_pct(p1.get('pixel_correlation_canonical'))}."]
     lines += [f"- {html.escape(n)}" for n in res.get("notes", [])]
     return "\n".join(lines) + "\n"

@@ -37,3 +37,29 @@ def test_moved_queries_defeat_pixel_correlation_but_not_an_invariant_embedding()
     assert any("30-way" in n for n in r["notes"])
     still = evaluate_moved(emb, emb, vols.numpy(), vols.numpy(), labels, groups, ways=(10,), episodes=20)
     assert still["settings"][0]["pixel_correlation"]["mean_recall_at_k"] > s["pixel_correlation"]["mean_recall_at_k"]
+
+
+def test_canonical_pose_baseline_is_scored_on_the_same_episodes():
+    from subject_fingerprint.canonical_pose import CanonicalPose
+
+    n_sub, size = 10, 24
+    g = torch.Generator().manual_seed(0)
+    axes = torch.linspace(-1, 1, size)
+    z, y, x = torch.meshgrid(axes, axes, axes, indexing="ij")
+    vols = []
+    for s in range(n_sub):  # ellipsoids of distinct shapes, textured
+        r = 0.45 + 0.4 * torch.rand(3, generator=g)
+        inside = (x / r[0]) ** 2 + (y / r[1]) ** 2 + (z / r[2]) ** 2 <= 1
+        vols.append(inside.float() * (0.6 + 0.4 * torch.rand((size,) * 3, generator=g)))
+    vols = torch.stack(vols)[:, None]
+    vols = torch.cat([vols, vols * 0.9])
+    labels, groups = np.tile(np.arange(n_sub), 2), np.repeat([0, 1], n_sub)
+    moved = move(vols, rigid_transforms(len(vols), 15, 0.1, seed=2))
+    pose = CanonicalPose()
+    emb = np.eye(n_sub)[labels]
+    r = evaluate_moved(emb, emb, vols.numpy(), moved.numpy(), labels, groups, ways=(5,),
+                       episodes=20, canonical_pix=(pose(vols).numpy(), pose(moved).numpy()))
+    s = r["settings"][0]
+    assert s["pixel_correlation_canonical"]["mean_recall_at_k"] >= s["pixel_correlation"]["mean_recall_at_k"]
+    assert set(r["precision_at_1"]) == {"model", "queries", "pixel_correlation",
+                                        "pixel_correlation_canonical"}
