@@ -53,6 +53,14 @@ def gemm_gflops(repeat):
     return 2 * 4096 ** 3 / best(lambda: a @ a, repeat) / 1e9
 
 
+def gemm_gflops_bf16(repeat):
+    """bfloat16 GEMM through torch (oneDNN/AMX where the CPU has it), 4096^3."""
+    import torch
+
+    a = torch.from_numpy(np.random.default_rng(0).random((4096, 4096), dtype=np.float32)).bfloat16()
+    return 2 * 4096 ** 3 / best(lambda: a @ a, repeat) / 1e9
+
+
 def bandwidth_gbs(x, repeat):
     return x.nbytes / best(lambda: x.sum(), repeat) / 1e9
 
@@ -114,6 +122,22 @@ def section_index(repeat):
     records = found.records
     ds = _RecordDataset(records, model.preprocessing, model.spatial_dims, model.modalities, None)
     decode = best(lambda: [ds[i] for i in range(len(ds))], repeat)
+    # The network alone on the same 1000 images, as index batches them, for each backend.
+    import torch
+
+    from subject_fingerprint import backends
+    from subject_fingerprint.embed import default_batch_size
+
+    batch = default_batch_size(model)
+    images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
+    model_alone = {}
+    for name in ("torch", "bf16", "onnx"):
+        try:
+            runner = backends.make_runner(model, name, torch.device("cpu"))
+        except ValueError:
+            continue
+        model_alone[name] = best(lambda: [runner(images[i:i + batch])
+                                          for i in range(0, len(images), batch)], repeat)
     folder = Path(tempfile.mkdtemp(prefix="sf-bench-index-"))
     rows = []
     try:
@@ -133,11 +157,14 @@ def section_index(repeat):
         shutil.rmtree(folder, ignore_errors=True)
     print(f"\n### `index` of {len(records)} NIH PNGs, starter model, model already loaded ({load()})\n")
     print("| backend | decoding workers | index s | decode + preprocess alone s (1 process) | "
-          "index / decode | backend used | re-index s | re-index embedded |")
-    print("|---|---|---|---|---|---|---|---|")
+          "network alone s (that backend, batches of the index) | index / decode | "
+          "index / max(decode, network) | backend used | re-index s | re-index embedded |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for backend, workers, t, report, t_again, again in rows:
+        net = model_alone.get(report.backend, float("nan"))
         print(f"| {backend} | {'cores' if workers is None else workers} | {t:.2f} | {decode:.2f} | "
-              f"{t / decode:.2f} | {report.backend} | {t_again:.2f} | {again.embedded} |")
+              f"{net:.2f} | {t / decode:.2f} | {t / max(decode, net):.2f} | {report.backend} | "
+              f"{t_again:.2f} | {again.embedded} |")
 
 
 def section_query(n, repeat):
@@ -187,6 +214,7 @@ def section_query(n, repeat):
 
 
 def section_dedup(n, repeat):
+    from subject_fingerprint.dedup import engine
     from subject_fingerprint.dedup.engine import close_pairs
 
     rng = np.random.default_rng(1)
@@ -195,15 +223,18 @@ def section_dedup(n, repeat):
     b[:100] = a[:100] + 0.02 * rng.standard_normal((100, 128), dtype=np.float32)
     threshold = 11.0  # random 128-d normals sit near 16; this keeps few chance pairs
 
-    def project():
-        return [close_pairs(a, b, threshold), close_pairs(a, a, threshold, same=True),
-                close_pairs(b, b, threshold, same=True)]
+    def project(precision):
+        return [close_pairs(a, b, threshold, precision=precision),
+                close_pairs(a, a, threshold, same=True, precision=precision),
+                close_pairs(b, b, threshold, same=True, precision=precision)]
 
-    t0 = time.perf_counter()
-    ours = project()
-    t_ours = time.perf_counter() - t0
+    auto = engine.first_pass_precision()
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        t0 = time.perf_counter()
+        runs[precision] = (project(precision), time.perf_counter() - t0)
     pairs = lambda r: set(zip(r[0].tolist(), r[1].tolist()))  # noqa: E731
-    gf = gemm_gflops(repeat)
+    gf, gf16 = gemm_gflops(repeat), gemm_gflops_bf16(repeat)
     flop = 2 * 128 * (n * n + 2 * n * n / 2)
     try:
         import faiss
@@ -219,18 +250,24 @@ def section_dedup(n, repeat):
         t0 = time.perf_counter()
         theirs = [faiss_range(a, b, False), faiss_range(a, a, True), faiss_range(b, b, True)]
         t_faiss = time.perf_counter() - t0
-        same = all(pairs(o) == pairs(f) for o, f in zip(ours, theirs))
+        same = {p: all(pairs(o) == pairs(f) for o, f in zip(runs[p][0], theirs)) for p in runs}
     except ImportError:
-        t_faiss, same = float("nan"), "faiss absent"
-    n_pairs = sum(len(o[0]) for o in ours)
+        t_faiss, same = float("nan"), {p: "faiss absent" for p in runs}
+    exact = all(pairs(x) == pairs(y) for x, y in zip(runs["fp32"][0], runs["bf16"][0]))
+    n_pairs = sum(len(o[0]) for o in runs["fp32"][0])
     print(f"\n### Dedup all pairs, {n:,} x {n:,} plus both within-halves ({flop / 1e12:.2f} TFLOP, "
-          f"{load()}; numpy fp32 GEMM {gf:.0f} GFLOP/s here)\n")
-    print("| project (close_pairs) s | faiss range search s | GEMM limit s | project / faiss | "
-          "project / limit | pairs | same pairs as faiss |")
-    print("|---|---|---|---|---|---|---|")
-    limit = flop / (gf * 1e9)
-    print(f"| {t_ours:.1f} | {t_faiss:.1f} | {limit:.1f} | {t_ours / t_faiss:.2f} | "
-          f"{t_ours / limit:.2f} | {n_pairs} | {same} |")
+          f"{load()}; fp32 GEMM {gf:.0f} GFLOP/s (numpy), bf16 GEMM {gf16:.0f} GFLOP/s (torch) here; "
+          f"auto first pass: {auto})\n")
+    print("| first pass | close_pairs s | faiss range search s | GEMM limit s (its precision) | "
+          "project / faiss | project / limit | pairs | same pairs as faiss | same pairs as fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for precision, (result, t) in runs.items():
+        limit = flop / ((gf if precision == "fp32" else gf16) * 1e9)
+        print(f"| {precision}{' (auto)' if precision == auto else ''} | {t:.1f} | {t_faiss:.1f} | "
+              f"{limit:.1f} | {t / t_faiss:.2f} | {t / limit:.2f} | "
+              f"{sum(len(o[0]) for o in result)} | {same[precision]} | "
+              f"{True if precision == 'fp32' else exact} |")
+    print(f"\n(pairs found by the exact float32 pass: {n_pairs})")
 
 
 def main(argv=None) -> int:
