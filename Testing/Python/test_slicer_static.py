@@ -55,8 +55,10 @@ def panel_source(module):
 
 
 def panel_constant(module, name):
+    """A literal assigned at the panel file's top level or in one of its classes' bodies."""
     tree = ast.parse(panel_source(module).read_text())
-    for node in tree.body:
+    bodies = [tree.body] + [n.body for n in tree.body if isinstance(n, ast.ClassDef)]
+    for node in (n for body in bodies for n in body):
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return ast.literal_eval(node.value)
     raise AssertionError(f"{name} not defined in {panel_source(module)}")
