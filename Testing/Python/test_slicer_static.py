@@ -157,6 +157,17 @@ def test_one_background_run_widget_mixin():
         assert "BackgroundRunWidgetMixin" in panel_source(module).read_text()
 
 
+def test_one_path_parameters_widget_mixin():
+    """The parameter-node plumbing lives in SubjectFingerprintLib/pathparameters.py only."""
+    text = "\n".join(p.read_text() for p in REPO.glob("*/*Lib/*.py"))
+    assert text.count("class PathParametersWidgetMixin") == 1
+    for module in MODULES:
+        source = panel_source(module).read_text()
+        assert "PathParametersWidgetMixin" in source
+        for method in ("initializeParameterNode", "setParameterNode", "onParameterNodeModified", "onPathsChanged"):
+            assert f"def {method}(" not in source, f"{module}Lib/widget.py defines {method} again"
+
+
 def test_vector_volumes_are_offered_in_the_volume_selector():
     combo = widget_names("SubjectFingerprint")["inputVolumeSelector"]
     props = {p.get("name"): p for p in combo.findall("property")}
