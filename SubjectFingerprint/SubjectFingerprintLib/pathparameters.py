@@ -19,6 +19,7 @@ class PathParametersWidgetMixin:
     SETTINGS_PREFIX = ""  # QSettings key prefix, e.g. "SubjectFingerprint/"
     _parameterNode = None
     _parameterNodeGuiTag = None
+    _showingNodePaths = False  # True while onParameterNodeModified sets the line edits
 
     # -- hooks for what differs between the panels ---------------------------------------------
     def _initializeExtraParameters(self, node) -> None:
@@ -51,19 +52,33 @@ class PathParametersWidgetMixin:
         self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Paths from the parameter node into their line edits (a loaded scene restores them)."""
+        """Paths from the parameter node into their line edits (a loaded scene restores them).
+
+        Setting a line edit emits its currentPathChanged at once; onPathsChanged waits until
+        every line edit shows the node, else it would copy the ones not set yet into the node.
+        """
         if self._parameterNode:
-            for widgetName, parameter in self.PATH_PARAMETERS.items():
-                widget = getattr(self.ui, widgetName)
-                value = getattr(self._parameterNode, parameter) or ""
-                if widget.currentPath != value:
-                    widget.currentPath = value
+            changed = False
+            self._showingNodePaths = True
+            try:
+                for widgetName, parameter in self.PATH_PARAMETERS.items():
+                    widget = getattr(self.ui, widgetName)
+                    value = getattr(self._parameterNode, parameter) or ""
+                    if widget.currentPath != value:
+                        widget.currentPath = value
+                        changed = True
+            finally:
+                self._showingNodePaths = False
+            if changed:
+                self.onPathsChanged()  # QSettings remember what the line edits now show
         self._updateButtons()
 
     def onPathsChanged(self, _path=None) -> None:
         """Line edits into the parameter node (when there is one) and into QSettings (always)."""
         import qt
 
+        if self._showingNodePaths:
+            return
         settings = qt.QSettings()
         for widgetName, parameter in self.PATH_PARAMETERS.items():
             value = getattr(self.ui, widgetName).currentPath

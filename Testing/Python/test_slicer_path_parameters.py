@@ -120,12 +120,6 @@ def mixin(qt):
     return Panel
 
 
-NODE_TO_LINE_EDITS = pytest.mark.xfail(strict=True, reason=(
-    "setting the first line edit emits currentPathChanged, whose onPathsChanged copies the other, "
-    "not yet updated line edits into the node"))
-
-
-@NODE_TO_LINE_EDITS
 def test_a_new_scene_gets_the_paths_used_last_time(mixin):
     Settings.store = {PREFIX + "aPath": "/last/a.pt", PREFIX + "bPath": "/last/b.h5"}
     node = ParameterNode(aPath="/scene/a.pt", bPath="")
@@ -151,7 +145,6 @@ def test_edits_reach_the_node_and_the_settings(mixin):
     assert Settings.store[PREFIX + "aPath"] == "/from/script.pt"
 
 
-@NODE_TO_LINE_EDITS
 def test_a_loaded_scene_shows_all_its_paths(mixin):
     node = ParameterNode(aPath="/old/a.pt", bPath="/old/b.h5")
     ui = types.SimpleNamespace(aPathLineEdit=LineEdit(), bPathLineEdit=LineEdit())
