@@ -90,8 +90,8 @@ class SubjectFingerprintWidget(ScriptedLoadableModuleWidget):
         """Reload the Lib too (Slicer's Reload only re-reads this file)."""
         from SubjectFingerprintLib import reloadLib
 
-        reloadLib("SubjectFingerprintLib", ("process", "dependencies", "volumes", "resultstable", "views",
-                                            "sampledata", "logic", "widget", "selftest"))
+        reloadLib("SubjectFingerprintLib", ("process", "pathparameters", "dependencies", "volumes", "resultstable",
+                                            "views", "sampledata", "logic", "widget", "selftest"))
         ScriptedLoadableModuleWidget.onReload(self)
 
 

@@ -4,10 +4,10 @@ import json
 import os
 
 import slicer
-import vtk
 from slicer.util import VTKObservationMixin
 
 from FingerprintTrainingLib.logic import FingerprintTrainingLogic
+from SubjectFingerprintLib.pathparameters import PathParametersWidgetMixin
 from SubjectFingerprintLib.process import BackgroundRunWidgetMixin
 
 try:
@@ -16,7 +16,6 @@ except ImportError:  # Slicer before 5.4
     def _(text):
         return text
 
-SETTINGS_PREFIX = "FingerprintTraining/"
 # Every widget of the .ui this code uses, with the class it expects (checked by test_slicer_static).
 UI_WIDGETS = {
     "sourcePathLineEdit": "ctkPathLineEdit",
@@ -29,19 +28,19 @@ UI_WIDGETS = {
     "statusLabel": "QLabel",
     "logTextEdit": "QPlainTextEdit",
 }
-# path line edit -> parameter (saved with the scene, remembered in QSettings)
-PATH_PARAMETERS = {"sourcePathLineEdit": "sourcePath", "manifestPathLineEdit": "manifestPath",
-                   "splitPathLineEdit": "splitPath", "outputPathLineEdit": "outputPath"}
 
 
-class FingerprintTrainingPanel(BackgroundRunWidgetMixin, VTKObservationMixin):
+class FingerprintTrainingPanel(BackgroundRunWidgetMixin, PathParametersWidgetMixin, VTKObservationMixin):
     """What the module's widget shows. ``isEntered()`` says whether the module is on screen."""
+
+    SETTINGS_PREFIX = "FingerprintTraining/"
+    # path line edit -> parameter (saved with the scene, remembered in QSettings)
+    PATH_PARAMETERS = {"sourcePathLineEdit": "sourcePath", "manifestPathLineEdit": "manifestPath",
+                       "splitPathLineEdit": "splitPath", "outputPathLineEdit": "outputPath"}
 
     def __init__(self, uiPath: str, isEntered=lambda: True) -> None:
         VTKObservationMixin.__init__(self)
         self.isEntered = isEntered
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
         self.uiWidget = slicer.util.loadUI(uiPath)
         self.ui = slicer.util.childWidgetVariables(self.uiWidget)
         self.uiWidget.setMRMLScene(slicer.mrmlScene)
@@ -77,48 +76,7 @@ class FingerprintTrainingPanel(BackgroundRunWidgetMixin, VTKObservationMixin):
         if self.isEntered():
             self.initializeParameterNode()
 
-    def initializeParameterNode(self) -> None:
-        import qt
-
-        node = self.logic.getParameterNode()
-        settings = qt.QSettings()
-        for parameter in PATH_PARAMETERS.values():
-            if not getattr(node, parameter):
-                setattr(node, parameter, settings.value(SETTINGS_PREFIX + parameter, "") or "")
-        self.setParameterNode(node)
-
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
-        self.onParameterNodeModified()
-
-    def onParameterNodeModified(self, caller=None, event=None) -> None:
-        if self._parameterNode:
-            for widgetName, parameter in PATH_PARAMETERS.items():
-                widget = getattr(self.ui, widgetName)
-                value = getattr(self._parameterNode, parameter) or ""
-                if widget.currentPath != value:
-                    widget.currentPath = value
-        self._updateButtons()
-
     # -- state ------------------------------------------------------------------------------------
-    def onPathsChanged(self, _path=None) -> None:
-        import qt
-
-        settings = qt.QSettings()
-        for widgetName, parameter in PATH_PARAMETERS.items():
-            value = getattr(self.ui, widgetName).currentPath
-            if self._parameterNode and getattr(self._parameterNode, parameter) != value:
-                setattr(self._parameterNode, parameter, value)
-            settings.setValue(SETTINGS_PREFIX + parameter, value)
-        self._updateButtons()
-
     def _updateButtons(self, caller=None, event=None) -> None:
         source = self.ui.sourcePathLineEdit.currentPath
         out = self.ui.outputPathLineEdit.currentPath

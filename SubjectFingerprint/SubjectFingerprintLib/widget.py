@@ -3,10 +3,10 @@
 import os
 
 import slicer
-import vtk
 from slicer.util import VTKObservationMixin
 
 from SubjectFingerprintLib.logic import SubjectFingerprintLogic
+from SubjectFingerprintLib.pathparameters import PathParametersWidgetMixin
 from SubjectFingerprintLib.process import BackgroundRunWidgetMixin
 
 try:
@@ -15,7 +15,6 @@ except ImportError:  # Slicer before 5.4
     def _(text):
         return text
 
-SETTINGS_PREFIX = "SubjectFingerprint/"
 # Every widget of the .ui this code uses, with the class it expects (checked by test_slicer_static).
 UI_WIDGETS = {
     "inputVolumeSelector": "qMRMLNodeComboBox",
@@ -38,20 +37,20 @@ UI_WIDGETS = {
     "statusLabel": "QLabel",
     "logTextEdit": "QPlainTextEdit",
 }
-# Paths kept in the parameter node (saved with the scene) and remembered in QSettings.
-PATH_PARAMETERS = {"modelPathLineEdit": "modelPath", "libraryPathLineEdit": "libraryPath"}
 
 
-class SubjectFingerprintPanel(BackgroundRunWidgetMixin, VTKObservationMixin):
+class SubjectFingerprintPanel(BackgroundRunWidgetMixin, PathParametersWidgetMixin, VTKObservationMixin):
     """What the module's widget shows. ``isEntered()`` says whether the module is on screen."""
+
+    SETTINGS_PREFIX = "SubjectFingerprint/"
+    # Paths kept in the parameter node (saved with the scene) and remembered in QSettings.
+    PATH_PARAMETERS = {"modelPathLineEdit": "modelPath", "libraryPathLineEdit": "libraryPath"}
 
     def __init__(self, uiPath: str, isEntered=lambda: True) -> None:
         VTKObservationMixin.__init__(self)
         import qt
 
         self.isEntered = isEntered
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
         self._resultsTableNode = None
         self._queryVolumeNode = None
         self._lastReportFolder = ""
@@ -63,7 +62,7 @@ class SubjectFingerprintPanel(BackgroundRunWidgetMixin, VTKObservationMixin):
         self.logic.logCallback = self.appendLog
 
         settings = qt.QSettings()
-        self.ui.reportFolderLineEdit.currentPath = settings.value(SETTINGS_PREFIX + "reportFolder", "")
+        self.ui.reportFolderLineEdit.currentPath = settings.value(self.SETTINGS_PREFIX + "reportFolder", "")
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onPathsChanged)
         self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onPathsChanged)
         self.ui.reportFolderLineEdit.connect("currentPathChanged(QString)", self.onPathsChanged)
@@ -113,54 +112,17 @@ class SubjectFingerprintPanel(BackgroundRunWidgetMixin, VTKObservationMixin):
         if self.isEntered():
             self.initializeParameterNode()
 
-    def initializeParameterNode(self) -> None:
-        import qt
-
-        node = self.logic.getParameterNode()
-        settings = qt.QSettings()
-        for parameter in PATH_PARAMETERS.values():
-            if not getattr(node, parameter):  # a new scene: the paths used last time
-                setattr(node, parameter, settings.value(SETTINGS_PREFIX + parameter, "") or "")
+    def _initializeExtraParameters(self, node) -> None:
+        """No input volume yet: the scene's first scalar volume."""
         if not node.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
                 node.inputVolume = first
-        self.setParameterNode(node)
-
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
-        self.onParameterNodeModified()
-
-    def onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Paths from the parameter node into their line edits (a loaded scene restores them)."""
-        if self._parameterNode:
-            for widgetName, parameter in PATH_PARAMETERS.items():
-                widget = getattr(self.ui, widgetName)
-                value = getattr(self._parameterNode, parameter) or ""
-                if widget.currentPath != value:
-                    widget.currentPath = value
-        self._updateButtons()
 
     # -- state --------------------------------------------------------------------------------------
-    def onPathsChanged(self, _path=None) -> None:
-        import qt
-
-        settings = qt.QSettings()
-        if self._parameterNode:
-            for widgetName, parameter in PATH_PARAMETERS.items():
-                value = getattr(self.ui, widgetName).currentPath
-                if getattr(self._parameterNode, parameter) != value:
-                    setattr(self._parameterNode, parameter, value)
-                settings.setValue(SETTINGS_PREFIX + parameter, value)
-        settings.setValue(SETTINGS_PREFIX + "reportFolder", self.ui.reportFolderLineEdit.currentPath)
-        self._updateButtons()
+    def _savePathSettings(self, settings) -> None:
+        """The report folder is remembered too (it is no parameter: a scene does not restore it)."""
+        settings.setValue(self.SETTINGS_PREFIX + "reportFolder", self.ui.reportFolderLineEdit.currentPath)
 
     def _updateButtons(self, caller=None, event=None) -> None:
         busy = self.busy

@@ -55,8 +55,10 @@ def panel_source(module):
 
 
 def panel_constant(module, name):
+    """A literal assigned at the panel file's top level or in one of its classes' bodies."""
     tree = ast.parse(panel_source(module).read_text())
-    for node in tree.body:
+    bodies = [tree.body] + [n.body for n in tree.body if isinstance(n, ast.ClassDef)]
+    for node in (n for body in bodies for n in body):
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return ast.literal_eval(node.value)
     raise AssertionError(f"{name} not defined in {panel_source(module)}")
@@ -153,6 +155,17 @@ def test_one_background_run_widget_mixin():
     for module in MODULES:
         assert "qt.QTimer" not in panel_source(module).read_text()
         assert "BackgroundRunWidgetMixin" in panel_source(module).read_text()
+
+
+def test_one_path_parameters_widget_mixin():
+    """The parameter-node plumbing lives in SubjectFingerprintLib/pathparameters.py only."""
+    text = "\n".join(p.read_text() for p in REPO.glob("*/*Lib/*.py"))
+    assert text.count("class PathParametersWidgetMixin") == 1
+    for module in MODULES:
+        source = panel_source(module).read_text()
+        assert "PathParametersWidgetMixin" in source
+        for method in ("initializeParameterNode", "setParameterNode", "onParameterNodeModified", "onPathsChanged"):
+            assert f"def {method}(" not in source, f"{module}Lib/widget.py defines {method} again"
 
 
 def test_vector_volumes_are_offered_in_the_volume_selector():
