@@ -251,8 +251,10 @@ def test_background_build_library_and_cancel_leaves_library_unchanged(sf, tiny, 
             p.parent.mkdir(parents=True, exist_ok=True)
             sitk.WriteImage(sitk.GetImageFromArray((rng.random((40, 36)) * 255).astype(np.uint8)), str(p))
     before = library.read_bytes()
+    # Batches of 16: the first progress line comes long before the run could finish (by
+    # default the tiny model's whole folder is one batch).
     process = logic.buildLibrary(str(big), str(library), modelPath=tiny["model"], device="cpu",
-                                 waitForCompletion=False)
+                                 waitForCompletion=False, batchSize=16)
     deadline = time.monotonic() + 60
     while process.poll() and not any("/160" in line for line in process.lines) and time.monotonic() < deadline:
         time.sleep(0.05)
