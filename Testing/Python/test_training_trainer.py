@@ -126,3 +126,37 @@ def test_early_stop_on_plateau(tmp_path):
     vals = [float(row["val_mean_recall"]) for row in csv.DictReader(open(tmp_path / "log.csv"))]
     assert len(vals) == r.steps_done
     assert max(vals[-2:]) <= max(vals[:-2])  # the last two validations did not improve
+
+
+def test_cpu_bf16_is_opt_in_and_follows_the_cpu_flags(monkeypatch, capsys):
+    import torch
+
+    from fingerprint_training import trainer
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    assert trainer._amp_for(cpu, True, False) == (False, torch.float32)   # float32 unless asked
+    assert trainer._amp_for(cpu, True, True) == (True, torch.bfloat16)
+    assert trainer._amp_for(cuda, True, True) == (True, torch.float16)    # CUDA: float16 AMP
+    assert trainer._amp_for(cuda, False, False) == (False, torch.float32)
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    assert trainer._amp_for(cpu, True, True) == (False, torch.float32)
+    assert "no bfloat16 units" in capsys.readouterr().out
+
+
+def test_bf16_training_runs_and_records_its_precision(tmp_path, one_torch_thread):
+    from subject_fingerprint.backends import cpu_has_bf16
+    from subject_fingerprint.checkpoint import load_checkpoint
+
+    from fingerprint_training.data import synthetic_dataset
+    from fingerprint_training.trainer import Trainer, TrainConfig
+
+    train = synthetic_dataset(n_subjects=6, images_per_subject=3, size=(16, 16))
+    cfg = TrainConfig(out=str(tmp_path / "run"), dims=2, depth=10, embedding_dim=8, size=(16, 16),
+                      steps=3, warmup=1, batch_subjects=3, images_per_subject=2, val_every=0,
+                      device="cpu", progress=False, cpu_bf16=True, calibrate=False)
+    result = Trainer(cfg, train, val_set=train).run()
+    model = load_checkpoint(result.best_path)
+    want = "bfloat16" if cpu_has_bf16() else None
+    assert model.metadata["training"]["mixed_precision"] == want
+    assert result.last_loss is not None and result.last_loss == result.last_loss  # finite, not NaN
