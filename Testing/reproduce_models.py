@@ -54,6 +54,24 @@ RECIPES = {
         "--dims", "3", "--size", "32", "32", "32", "--depth", "18", "--steps", "600", "--warmup", "30",
         "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
         "--val-n-way", "8"]},
+    # Session of 2026-12-02 on the AMX machine: bfloat16 autocast on the CPU (--bf16; ignored
+    # on CUDA, which uses float16 AMP). Runs stopped by --max-minutes are noted in BENCHMARKS.md.
+    "ker128": {"dims": 2, "sources": ["KER"], "args": [
+        "--depth", "18", "--size", "128", "128", "--steps", "1000", "--warmup", "50",
+        "--batch-subjects", "24", "--images-per-subject", "3", "--val-every", "100", "--bf16"]},
+    "joint64-ft-long": _2d(["NIH", "KER"], 900, ["--warmup", "20", "--lr", "3e-4", "--val-every", "100",
+                                                 "--bf16", "--verification-head",
+                                                 "--init-from", str(PREVIOUS_STARTER_FILE)]),
+    "ker64-ssl": _2d(["KER"], 750, ["--pretrain-steps", "250", "--warmup", "30", "--val-every", "100",
+                                    "--bf16"]),
+    "lgg3d-canon": {"dims": 3, "sources": ["LGG"], "args": [
+        "--dims", "3", "--size", "32", "32", "32", "--depth", "18", "--steps", "700", "--warmup", "30",
+        "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
+        "--val-n-way", "8", "--val-moved", "--canonical-pose", "--bf16"]},
+    "lgg3d-canon-r10": {"dims": 3, "sources": ["LGG"], "args": [
+        "--dims", "3", "--size", "32", "32", "32", "--depth", "10", "--steps", "700", "--warmup", "30",
+        "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
+        "--val-n-way", "8", "--val-moved", "--canonical-pose", "--bf16"]},
 }
 SHIPPED = {"lgg3d-32": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
