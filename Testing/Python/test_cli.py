@@ -45,7 +45,8 @@ def test_index_query_and_library_round_trip(tmp_path, tiny_model, exports):
     n_files = sum(1 for p in (exports / "site-a").rglob("*") if p.is_file())
     assert report["added"] == n_files and report["failures"] == []
 
-    # A query that is itself in the library finds its own subject first, at distance 0.
+    # A query that is itself in the library finds its own subject first, at distance ~0 (on a
+    # bf16 CPU, auto indexes in bf16, whose kernels round a batch of 1 and of N differently).
     query_file = sorted(p for p in (exports / "site-a").rglob("*") if p.is_file())[0]
     patient = query_file.relative_to(exports / "site-a").parts[0]
     code, out, err = run_cli("query", query_file, "--library", lib, "--model", tiny_model,
@@ -54,7 +55,7 @@ def test_index_query_and_library_round_trip(tmp_path, tiny_model, exports):
     answers = json.loads(out)
     assert len(answers) == 1 and answers[0]["query"] == str(query_file)
     top = answers[0]["subjects"][0]
-    assert top["subject_id"] == patient and top["distance"] == pytest.approx(0, abs=1e-4)
+    assert top["subject_id"] == patient and top["distance"] == pytest.approx(0, abs=1e-2)
     assert [s["rank"] for s in answers[0]["subjects"]] == [1, 2, 3]
     assert set(answers[0]["images"][0]) >= {"rank", "subject_id", "image_id", "dataset", "distance"}
     distances = [s["distance"] for s in answers[0]["subjects"]]

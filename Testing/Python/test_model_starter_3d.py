@@ -16,7 +16,8 @@ def test_3d_starter_matches_its_model_card(one_torch_thread):
 
     model = load_checkpoint(MODEL)
     card = (REPO / "Resources" / "Models" / "MODEL_CARD-3d-brain-mri.md").read_text()
-    assert model.spatial_dims == 3 and model.depth == 18 and model.embedding_dim == 128
+    assert model.spatial_dims == 3 and model.depth == 10 and model.embedding_dim == 128
+    assert model.architecture["canonical_pose"] is True
     assert tuple(model.preprocessing.size) == (32, 32, 32) and model.modalities == ["mr"]
     assert f"model_id `{model.model_id}`" in card
     assert model.calibration is not None and f"{model.calibration.threshold:.4f}" in card
