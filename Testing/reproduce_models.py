@@ -1,7 +1,7 @@
 """Rebuild the shipped starter models (and the other recipes of BENCHMARKS.md) from the shared
 data in one command, timing every step:
 
-    python Testing/reproduce_models.py                      # the shipped 2D and 3D models
+    python Testing/reproduce_models.py                      # the shipped 3D model
     python Testing/reproduce_models.py --recipes all        # every recipe of the table
     python Testing/reproduce_models.py --recipes ker64 --out runs/repro --threads 2
 
@@ -73,7 +73,7 @@ RECIPES = {
         "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
         "--val-n-way", "8", "--val-moved", "--canonical-pose", "--bf16"]},
 }
-SHIPPED = {"lgg3d-canon-r10": "starter-3d-brain-mri.pt", "joint64-ft-long": "starter-2d-cxr.pt"}
+SHIPPED = {"lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
 FOLDERS = {"NIH": NIH, "KER": KER, "LGG": LGG}
 
