@@ -103,8 +103,9 @@ def evaluate_embeddings(embeddings, labels, ways: Sequence[int] = DEFAULT_WAYS,
             if pair_head is not None:
                 from subject_fingerprint.verification import pair_probabilities
 
+                f = e.astype(np.float32)
+
                 def dissimilarity(pairs):  # 1 - P(same): ranked like a distance
-                    f = e.astype(np.float32)
                     return 1.0 - pair_probabilities(pair_head, f[pairs[:, 0]], f[pairs[:, 1]])
 
                 out["verification_head"] = M.verification_from_distances(

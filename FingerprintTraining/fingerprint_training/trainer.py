@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from monai.optimizers import WarmupCosineSchedule
-from subject_fingerprint.backends import cpu_has_bf16
+from subject_fingerprint.backends import _memory_format, cpu_has_bf16
 from subject_fingerprint.csvsafe import SafeDictWriter
 from subject_fingerprint.device import resolve_device
 from subject_fingerprint.model import FingerprintModel
@@ -140,10 +140,6 @@ def _amp_for(device, cuda_amp: bool, cpu_bf16: bool):
             return False, torch.float32
         return True, torch.bfloat16
     return False, torch.float32
-
-
-def _memory_format(dims: int):
-    return torch.channels_last if dims == 2 else torch.channels_last_3d
 
 
 def _seed_for(*parts: int) -> int:

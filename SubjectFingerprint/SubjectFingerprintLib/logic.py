@@ -147,7 +147,7 @@ class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
             model = self.loadModel(modelPath)
             model.check_image(loaded)
             library = self.openLibrary(libraryPath, model)
-            backend = library_backend(library, model, device)
+            backend = library_backend(library, device)
             embedding = Embedder(model, device=device, backend=backend).embed_loaded([loaded])
             return resultRows(rank(library, embedding, k=int(k), calibration=model.calibration)[0])
 
@@ -203,7 +203,7 @@ class SubjectFingerprintLogic(EngineRunnerMixin, ScriptedLoadableModuleLogic):
             model = self.loadModel(modelPath)
             model.check_image(loaded)
             with EmbeddingLibrary.open(libraryPath, mode="a", model=model) as lib:
-                embedder = Embedder(model, device=device, backend=library_backend(lib, model, device))
+                embedder = Embedder(model, device=device, backend=library_backend(lib, device))
                 embedding = embedder.embed_loaded([loaded])
                 result = lib.add([loaded.record], [loaded.content_hash], embedding,
                                  backends=[embedder.backend])

@@ -253,29 +253,39 @@ class Choice:
         return f"backend {self.name}; check batch: " + "; ".join(parts)
 
 
+def unavailable(backend: str, device) -> str:
+    """Why ``backend`` (not ``auto``) cannot run on ``device``, or "" when it can: the cheap
+    checks, without building a runner."""
+    if backend == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        return ("bf16: this CPU has no bfloat16 units (avx512_bf16/amx_bf16); "
+                "use --backend torch or onnx")
+    if backend in ("onnx", "onnx-int8"):
+        if device.type != "cpu":
+            return f"{backend}: the ONNX backends run on the CPU; use --device cpu"
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return f"{backend}: onnxruntime is not installed"
+    if backend not in BACKENDS or backend == "auto":
+        return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"
+    return ""
+
+
 def make_runner(model, backend: str, device):
     """One runner for ``backend`` (not ``auto``) on ``device``; raises ValueError if it
     cannot run here (e.g. bf16 on a CPU without bf16 units, ONNX on CUDA)."""
+    reason = unavailable(backend, device)
+    if reason:
+        raise ValueError(reason)
     network = model.network
     dims = model.spatial_dims
     if backend == "torch":
         autocast = "fp16" if device.type == "cuda" else None
         return TorchRunner(network, device, dims, autocast=autocast)
     if backend == "bf16":
-        if device.type == "cpu" and not cpu_has_bf16():
-            raise ValueError("bf16: this CPU has no bfloat16 units (avx512_bf16/amx_bf16); "
-                             "use --backend torch or onnx")
         return TorchRunner(network, device, dims, autocast="bf16")
-    if backend in ("onnx", "onnx-int8"):
-        if device.type != "cpu":
-            raise ValueError(f"{backend}: the ONNX backends run on the CPU; use --device cpu")
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise ValueError(f"{backend}: onnxruntime is not installed") from exc
-        precision = "int8" if backend == "onnx-int8" else "fp32"
-        return OnnxRunner(export_onnx(model, precision), name=backend)
-    raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    precision = "int8" if backend == "onnx-int8" else "fp32"
+    return OnnxRunner(export_onnx(model, precision), name=backend)
 
 
 def _time(runner, x, repeats: int = 2, give_up: float = float("inf")) -> float:

@@ -61,10 +61,9 @@ class CanonicalPose(nn.Module):
     """Resample each image into its canonical frame (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            theta = canonical_theta(x)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         with torch.autocast(device_type=x.device.type, enabled=False):
+            with torch.no_grad():
+                grid = F.affine_grid(canonical_theta(x), list(x.shape), align_corners=False)
             out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)
         return out.to(x.dtype)

@@ -178,8 +178,7 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
         raise CheckpointError(path, "weights do not match their recorded hash: the file was altered")
     try:
         network = build_network(spatial_dims, depth, dim, bool(arch.get("canonical_pose", False)))
-        state = {k: (t.float() if t.is_floating_point() else t) for k, t in state.items()}
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict(_float32(state), strict=True)
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(path, f"weights do not fit a {spatial_dims}D ResNet-{depth} "
@@ -191,6 +190,11 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
     model.to(resolve_device(device)[0])
     network.eval()
     return model
+
+
+def _float32(state: dict) -> dict:
+    """Floating-point tensors of a stored state as float32 (files may hold float16)."""
+    return {k: (t.float() if t.is_floating_point() else t) for k, t in state.items()}
 
 
 def _load_pair_head(path, payload, metadata):
@@ -210,7 +214,7 @@ def _load_pair_head(path, payload, metadata):
 
     try:
         head = PairHead.from_config(config)
-        head.load_state_dict({k: (t.float() if t.is_floating_point() else t) for k, t in state.items()})
+        head.load_state_dict(_float32(state))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(path, f"damaged pair-verification head ({type(exc).__name__}: "
                                     f"{str(exc)[:200]})") from None

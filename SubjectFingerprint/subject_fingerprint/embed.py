@@ -24,19 +24,21 @@ _CPU_VOXELS_PER_PASS = 1 << 18
 _MIN_BATCH, _MAX_BATCH = 16, 256
 
 
+def _cpu_pass_images(size) -> int:
+    """Images of ``size`` in one CPU pass of 2^18 input voxels."""
+    return max(1, _CPU_VOXELS_PER_PASS // max(1, int(np.prod(tuple(size)))))
+
+
 def _pass_images(device, size) -> int:
     """Images per forward pass on ``device`` for inputs of ``size`` (see Embedder.pass_size)."""
-    if device.type != "cpu":
-        return _MAX_BATCH
-    return max(1, _CPU_VOXELS_PER_PASS // max(1, int(np.prod(tuple(size)))))
+    return _cpu_pass_images(size) if device.type == "cpu" else _MAX_BATCH
 
 
 def default_batch_size(model) -> int:
     """Images decoded and stored together: one CPU pass of 2^18 voxels (64 images of 64 x 64
     px, where the bf16 and ONNX kernels need a batch that size to run at speed), at least 16
     and at most 256."""
-    voxels = int(np.prod(tuple(model.preprocessing.size)))
-    return max(_MIN_BATCH, min(_MAX_BATCH, _CPU_VOXELS_PER_PASS // max(1, voxels)))
+    return max(_MIN_BATCH, min(_MAX_BATCH, _cpu_pass_images(model.preprocessing.size)))
 
 
 @dataclass

@@ -192,21 +192,21 @@ def index(
     return report
 
 
-def library_backend(lib, fmodel, device) -> str:
+def library_backend(lib, device) -> str:
     """The backend that embedded the whole library, if it runs here; else eager torch (the
     one to embed a few more images with, so they compare with the stored ones exactly)."""
-    from .backends import make_runner
+    from .backends import unavailable
     from .device import resolve_device
 
-    if len(lib.backends) != 1 or lib.backends[0] in ("torch", "auto"):
+    made_with = lib.backends
+    if len(made_with) != 1 or made_with[0] in ("torch", "auto"):
         return "torch"
-    try:
-        make_runner(fmodel, lib.backends[0], resolve_device(device)[0])
-    except ValueError as exc:
+    reason = unavailable(made_with[0], resolve_device(device)[0])
+    if reason:
         logger.info("library made with %s, which cannot run here (%s): querying with torch",
-                    lib.backends[0], exc)
+                    made_with[0], reason)
         return "torch"
-    return lib.backends[0]
+    return made_with[0]
 
 
 def _calibration_notice(lib, fmodel) -> str:
@@ -339,7 +339,7 @@ def query(
         if not loaded:
             return []
         if backend is None:
-            backend = library_backend(lib, fmodel, device)
+            backend = library_backend(lib, device)
         embeddings = Embedder(fmodel, device=device, backend=backend).embed_loaded(loaded)
         results = rank(lib, embeddings, k=k, calibration=fmodel.calibration)
         if fmodel.calibration is not None:

@@ -140,7 +140,7 @@ def test_queries_embed_as_the_library_was_embedded(model, cache, tmp_path, one_t
                         progress=False).backend == "onnx"
     with EmbeddingLibrary.open(lib) as opened:
         assert opened.backends == ["onnx"] and opened.info()["embedding_backends"] == ["onnx"]
-        assert lookup.library_backend(opened, model, "cpu") == "onnx"
+        assert lookup.library_backend(opened, "cpu") == "onnx"
     image = str(folder / "S1" / "0.png")
     [answer] = lookup.query([image], lib, model=model, k=2, device="cpu")
     assert answer.subjects[0].distance == 0.0
@@ -151,4 +151,4 @@ def test_queries_embed_as_the_library_was_embedded(model, cache, tmp_path, one_t
     merge_libraries([lib, other], merged, skip_duplicates=False)
     with EmbeddingLibrary.open(merged) as opened:
         assert opened.backends == ["onnx", "torch"]
-        assert lookup.library_backend(opened, model, "cpu") == "torch"  # mixed: float32
+        assert lookup.library_backend(opened, "cpu") == "torch"  # mixed: float32

@@ -120,12 +120,18 @@ def mixin(qt):
     return Panel
 
 
-def test_a_new_scene_gets_the_paths_used_last_time(mixin):
-    Settings.store = {PREFIX + "aPath": "/last/a.pt", PREFIX + "bPath": "/last/b.h5"}
-    node = ParameterNode(aPath="/scene/a.pt", bPath="")
+def _started_panel(mixin, node):
+    """A panel with line edits for aPath and bPath, its parameter node initialised."""
     ui = types.SimpleNamespace(aPathLineEdit=LineEdit(), bPathLineEdit=LineEdit())
     panel = make_panel(mixin, node, ui)
     panel.initializeParameterNode()
+    return ui, panel
+
+
+def test_a_new_scene_gets_the_paths_used_last_time(mixin):
+    Settings.store = {PREFIX + "aPath": "/last/a.pt", PREFIX + "bPath": "/last/b.h5"}
+    node = ParameterNode(aPath="/scene/a.pt", bPath="")
+    ui, panel = _started_panel(mixin, node)
     assert (node.aPath, node.bPath) == ("/scene/a.pt", "/last/b.h5")  # only the empty one is filled
     assert (ui.aPathLineEdit.currentPath, ui.bPathLineEdit.currentPath) == ("/scene/a.pt", "/last/b.h5")
     assert node.gui is ui and len(node.observers) == 1 and panel.updates
@@ -134,9 +140,7 @@ def test_a_new_scene_gets_the_paths_used_last_time(mixin):
 
 def test_edits_reach_the_node_and_the_settings(mixin):
     node = ParameterNode(aPath="", bPath="")
-    ui = types.SimpleNamespace(aPathLineEdit=LineEdit(), bPathLineEdit=LineEdit())
-    panel = make_panel(mixin, node, ui)
-    panel.initializeParameterNode()
+    ui, panel = _started_panel(mixin, node)
     ui.bPathLineEdit.currentPath = "/new/b.h5"
     assert node.bPath == "/new/b.h5" and Settings.store[PREFIX + "bPath"] == "/new/b.h5"
 
@@ -147,9 +151,7 @@ def test_edits_reach_the_node_and_the_settings(mixin):
 
 def test_a_loaded_scene_shows_all_its_paths(mixin):
     node = ParameterNode(aPath="/old/a.pt", bPath="/old/b.h5")
-    ui = types.SimpleNamespace(aPathLineEdit=LineEdit(), bPathLineEdit=LineEdit())
-    panel = make_panel(mixin, node, ui)
-    panel.initializeParameterNode()
+    ui, panel = _started_panel(mixin, node)
     object.__setattr__(node, "aPath", "/saved/a.pt")  # the scene's node is copied in, then one Modified
     object.__setattr__(node, "bPath", "/saved/b.h5")
     panel.onParameterNodeModified(node, "ModifiedEvent")
@@ -160,9 +162,7 @@ def test_a_loaded_scene_shows_all_its_paths(mixin):
 
 def test_without_a_node_edits_are_still_remembered(mixin):
     node = ParameterNode(aPath="", bPath="")
-    ui = types.SimpleNamespace(aPathLineEdit=LineEdit(), bPathLineEdit=LineEdit())
-    panel = make_panel(mixin, node, ui)
-    panel.initializeParameterNode()
+    ui, panel = _started_panel(mixin, node)
     panel.setParameterNode(None)  # module left / scene closing
     assert node.gui is None and node.observers == {}
     ui.aPathLineEdit.currentPath = "/typed/a.pt"
