@@ -7,7 +7,7 @@
                into its convolution (``torch.fx`` fusion) and bf16 weights, run under bf16
                autocast; offered only on CPUs with bf16 units (``avx512_bf16`` /
                ``amx_bf16``), where it runs 2-4x faster than float32 (folding and bf16
-               weights: ResNet-50 at 512 px 67 -> 47 ms on AMX, BENCHMARKS.md).
+               weights: ResNet-50 at 512 px 67 -> 47 ms on AMX in a one-off check, BENCHMARKS.md).
 ``onnx``       ONNX Runtime, float32, from an export cached per model ID.
 ``onnx-int8``  ONNX Runtime with int8 weights (dynamic quantisation). Never picked by ``auto``:
                int8 changes embeddings more than the float backends, so it is only for models
