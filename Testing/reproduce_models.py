@@ -62,6 +62,9 @@ RECIPES = {
     "joint64-ft-long": _2d(["NIH", "KER"], 900, ["--warmup", "20", "--lr", "3e-4", "--val-every", "100",
                                                  "--bf16", "--verification-head",
                                                  "--init-from", str(PREVIOUS_STARTER_FILE)]),
+    # Session of 2026-12-03: the same fine-tune, longer (its best was at its last step).
+    "joint64-ft-2400": _2d(["NIH", "KER"], 2400, ["--warmup", "20", "--lr", "3e-4", "--val-every", "200",
+                                                 "--bf16", "--init-from", str(PREVIOUS_STARTER_FILE)]),
     "ker64-ssl": _2d(["KER"], 750, ["--pretrain-steps", "250", "--warmup", "30", "--val-every", "100",
                                     "--bf16"]),
     "lgg3d-canon": {"dims": 3, "sources": ["LGG"], "args": [

@@ -16,7 +16,10 @@
                fastest whose embeddings match eager float32 to :data:`MIN_COSINE` (per row) wins.
 
 The decision is made from the CPU flags and the measurement, never from a stored note: a
-machine without bf16 units simply has no ``bf16`` candidate.
+machine without bf16 units simply has no ``bf16`` candidate. A measurement is remembered (in
+the process, and in :func:`cache_dir` as ``backend-choices.json``) under a key of everything it
+depends on: model ID, input shape, device, CPU model and flags, core count and library versions.
+A remembered winner is still checked against float32 on a small batch before it is used.
 
 Exports are cached in :func:`cache_dir` (``$SUBJECT_FINGERPRINT_CACHE``, else
 ``~/.cache/subject-fingerprint``), one file per model ID, input size and precision.
@@ -25,8 +28,11 @@ Exports are cached in :func:`cache_dir` (``$SUBJECT_FINGERPRINT_CACHE``, else
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,12 +251,14 @@ class Choice:
     timings: Dict[str, float] = field(default_factory=dict)
     cosines: Dict[str, float] = field(default_factory=dict)
     rejected: Dict[str, str] = field(default_factory=dict)
+    recalled: str = ""  # when the measurement was made, if it was remembered, not made now
 
     def summary(self) -> str:
         parts = [f"{n} {self.timings[n] * 1000:.0f} ms (cos {self.cosines.get(n, 1.0):.5f})"
                  for n in self.timings]
         parts += [f"{n}: {why}" for n, why in self.rejected.items()]
-        return f"backend {self.name}; check batch: " + "; ".join(parts)
+        when = f" (measured {self.recalled}, remembered)" if self.recalled else ""
+        return f"backend {self.name}; check batch{when}: " + "; ".join(parts)
 
 
 def unavailable(backend: str, device) -> str:
@@ -288,20 +296,20 @@ def make_runner(model, backend: str, device):
     return OnnxRunner(export_onnx(model, precision), name=backend)
 
 
-def _time(runner, x, repeats: int = 2, give_up: float = float("inf")) -> float:
-    """Best of ``repeats`` timed calls after a warm-up; a warm-up slower than ``give_up``
-    seconds is returned as is (the candidate is far behind, no need to time it again)."""
+def _time(runner, x, repeats: int = 1, give_up: float = float("inf")):
+    """``(seconds, output)``: the best of ``repeats`` timed calls after a warm-up; a warm-up
+    slower than ``give_up`` seconds is returned as is (the candidate is far behind)."""
     start = time.perf_counter()
-    runner(x)  # warm-up: allocations, graph optimisation
+    out = runner(x)  # warm-up: allocations, graph optimisation
     first = time.perf_counter() - start
     if first > give_up:
-        return first
+        return first, out
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        runner(x)
+        out = runner(x)
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, out
 
 
 def auto_candidates(device) -> List[str]:
@@ -319,9 +327,83 @@ def auto_candidates(device) -> List[str]:
     return names
 
 
-def choose(model, backend: str, device, check=None) -> Choice:
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _choice_key(model, device, x, names) -> str:
+    """What a measured choice depends on, hashed: the same key means the same measurement."""
+    import torch
+
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = ""
+    parts = [model.model_id, list(x.shape), str(device), names, torch.__version__, ort_version,
+             _cpu_name(), sorted(cpu_flags()), cpu_cores(), torch.get_num_threads(),
+             os.environ.get("OMP_WAIT_POLICY", "")]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+_REMEMBERED: Dict[str, dict] = {}
+_CHOICES_FILE = "backend-choices.json"
+
+
+def _recall(key: str) -> Optional[dict]:
+    if key in _REMEMBERED:
+        return _REMEMBERED[key]
+    try:
+        stored = json.loads((cache_dir() / _CHOICES_FILE).read_text(encoding="utf-8"))
+        entry = stored.get(key) if isinstance(stored, dict) else None
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("name") in BACKENDS else None
+
+
+def _remember(key: str, choice: Choice) -> None:
+    entry = {"name": choice.name, "timings": choice.timings, "cosines": choice.cosines,
+             "rejected": choice.rejected, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _REMEMBERED[key] = entry
+    path = cache_dir() / _CHOICES_FILE
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or unreadable: start the file again
+        stored = {}
+    stored = stored if isinstance(stored, dict) else {}
+    stored[key] = entry
+    try:
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(stored, indent=1), encoding="utf-8"))
+    except OSError as exc:  # an unwritable cache only costs a re-measurement
+        logger.info("backend choice not stored in %s: %s", path, exc)
+
+
+def _recalled_choice(model, device, entry) -> Optional[Choice]:
+    """The remembered winner, if it still matches float32 on a small check batch."""
+    try:
+        runner = make_runner(model, entry["name"], device)
+        x = check_batch(model)
+        reference = TorchRunner(model.network, device, model.spatial_dims, channels_last=False)(x)
+        if min_cosine(reference.numpy(), runner(x).numpy()) < MIN_COSINE:
+            return None
+    except Exception:  # noqa: BLE001 - measure again
+        return None
+    return Choice(runner, entry["name"], dict(entry.get("timings", {})),
+                  dict(entry.get("cosines", {})), dict(entry.get("rejected", {})),
+                  recalled=entry.get("measured", "?"))
+
+
+def choose(model, backend: str, device, check=None, remember: bool = True) -> Choice:
     """Build the runner for ``backend``; for ``auto`` measure the candidates on ``check``
-    (default :func:`check_batch`) and keep the fastest whose embeddings match float32."""
+    (default :func:`check_batch`) and keep the fastest whose embeddings match float32.
+    ``remember`` reuses (and stores) the measurement of an identical setting (module doc)."""
     backend = str(backend or "auto").lower()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -331,14 +413,21 @@ def choose(model, backend: str, device, check=None) -> Choice:
     if len(names) == 1:
         return Choice(make_runner(model, names[0], device), names[0])
     x = check_batch(model) if check is None else check
+    key = _choice_key(model, device, x, names) if remember else ""
+    entry = _recall(key) if remember else None
+    if entry is not None:
+        recalled = _recalled_choice(model, device, entry)
+        if recalled is not None:
+            logger.info(recalled.summary())
+            return recalled
     reference = TorchRunner(model.network, device, model.spatial_dims, channels_last=False)(x)
     choice = Choice(None, "")
     best = None
     for name in names:
         try:
             runner = make_runner(model, name, device)
-            seconds = _time(runner, x, give_up=4 * best[0] if best else float("inf"))
-            cos = min_cosine(reference.numpy(), runner(x).numpy())
+            seconds, out = _time(runner, x, give_up=4 * best[0] if best else float("inf"))
+            cos = min_cosine(reference.numpy(), out.numpy())
         except Exception as exc:  # a backend that fails here is simply not used
             choice.rejected[name] = f"failed ({type(exc).__name__}: {exc})"
             continue
@@ -351,5 +440,7 @@ def choose(model, backend: str, device, check=None) -> Choice:
     if best is None:  # pragma: no cover - eager float32 always matches itself
         best = (0.0, "torch", make_runner(model, "torch", device))
     choice.runner, choice.name = best[2], best[1]
+    if remember:
+        _remember(key, choice)
     logger.info(choice.summary())
     return choice

@@ -3,6 +3,8 @@ per model ID, the CPU flags decide whether bf16 is offered."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,56 @@ def test_auto_picks_a_matching_backend(model, cache, one_torch_thread):
     x = backends.check_batch(model, 4)
     assert backends.min_cosine(_reference(model, x).numpy(),
                                embedder.embed_tensor(x).numpy()) >= backends.MIN_COSINE
+
+
+def _no_timing(*args, **kwargs):
+    raise AssertionError("the remembered choice should not be measured again")
+
+
+def test_auto_remembers_its_measurement(model, cache, monkeypatch, one_torch_thread):
+    backends._REMEMBERED.clear()
+    first = backends.choose(model, "auto", torch.device("cpu"))
+    assert not first.recalled
+    stored = json.loads((cache / "backend-choices.json").read_text())
+    assert [entry["name"] for entry in stored.values()] == [first.name]
+    # A new process (empty memo) reads the file and does not time the candidates again.
+    backends._REMEMBERED.clear()
+    monkeypatch.setattr(backends, "_time", _no_timing)
+    again = backends.choose(model, "auto", torch.device("cpu"))
+    assert again.name == first.name and again.recalled and "remembered" in again.summary()
+    assert again.timings == pytest.approx(first.timings)
+    x = backends.check_batch(model, 3)
+    assert backends.min_cosine(_reference(model, x).numpy(), again.runner(x).numpy()) >= backends.MIN_COSINE
+    # Another input shape (another pass size) is another measurement (every candidate is timed
+    # again, and fails here).
+    other = backends.choose(model, "auto", torch.device("cpu"), check=backends.check_batch(model, 5))
+    assert not other.recalled and all("not be measured" in why for why in other.rejected.values())
+
+
+def test_a_remembered_winner_that_no_longer_matches_is_measured_again(model, cache, monkeypatch,
+                                                                      one_torch_thread):
+    backends._REMEMBERED.clear()
+    first = backends.choose(model, "auto", torch.device("cpu"))
+    backends._REMEMBERED.clear()
+    real = backends.make_runner
+
+    def broken(m, name, device):
+        runner = real(m, name, device)
+        return (lambda x: runner(x) * 0 + 1) if name == first.name else runner
+
+    monkeypatch.setattr(backends, "make_runner", broken)
+    again = backends.choose(model, "auto", torch.device("cpu"))
+    assert not again.recalled and again.name != first.name
+    assert "cosine" in again.rejected[first.name]
+
+
+def test_an_unreadable_choices_file_costs_only_a_measurement(model, cache, one_torch_thread):
+    backends._REMEMBERED.clear()
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "backend-choices.json").write_text("{not json")
+    choice = backends.choose(model, "auto", torch.device("cpu"))
+    assert not choice.recalled and choice.name in backends.auto_candidates(torch.device("cpu"))
+    assert json.loads((cache / "backend-choices.json").read_text())  # rewritten whole
 
 
 def test_bf16_offered_only_with_the_cpu_flag(monkeypatch):
