@@ -65,6 +65,14 @@ RECIPES = {
     # Session of 2026-12-03: the same fine-tune, longer (its best was at its last step).
     "joint64-ft-2400": _2d(["NIH", "KER"], 2400, ["--warmup", "20", "--lr", "3e-4", "--val-every", "200",
                                                  "--bf16", "--init-from", str(PREVIOUS_STARTER_FILE)]),
+    # The same 900-step fine-tune as joint64-ft-long with batch-hard mining on L2-normalised
+    # embeddings (margin 0.2) instead of Algorithm 1; and a ResNet-50 from scratch.
+    "joint64-ft-bh": _2d(["NIH", "KER"], 900, ["--warmup", "20", "--lr", "3e-4", "--val-every", "100",
+                                               "--miner", "batch-hard", "--normalize", "--bf16",
+                                               "--init-from", str(PREVIOUS_STARTER_FILE)]),
+    "joint64-r50": {"dims": 2, "sources": ["NIH", "KER"], "args": [
+        "--depth", "50", "--size", "64", "64", "--steps", "900", "--warmup", "50",
+        "--batch-subjects", "32", "--images-per-subject", "4", "--val-every", "100", "--bf16"]},
     "ker64-ssl": _2d(["KER"], 750, ["--pretrain-steps", "250", "--warmup", "30", "--val-every", "100",
                                     "--bf16"]),
     "lgg3d-canon": {"dims": 3, "sources": ["LGG"], "args": [
