@@ -208,7 +208,8 @@ class Trainer:
         self.model = FingerprintModel.create(config.dims, depth=config.depth,
                                              embedding_dim=config.embedding_dim,
                                              preprocessing=preprocessing, modalities=tuple(modalities),
-                                             canonical_pose=config.canonical_pose)
+                                             canonical_pose=config.canonical_pose,
+                                             normalize=config.normalize)
         if config.init_from:
             load_initial_weights(self.model, config.init_from)
         self.model.network.to(self.device)

@@ -177,7 +177,8 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
     if _weights_hash(state) != payload.get("weights_sha256"):
         raise CheckpointError(path, "weights do not match their recorded hash: the file was altered")
     try:
-        network = build_network(spatial_dims, depth, dim, bool(arch.get("canonical_pose", False)))
+        network = build_network(spatial_dims, depth, dim, bool(arch.get("canonical_pose", False)),
+                                bool(arch.get("normalize", False)))
         network.load_state_dict(_float32(state), strict=True)
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

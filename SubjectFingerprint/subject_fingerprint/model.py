@@ -17,13 +17,15 @@ RESNET_DEPTHS = (10, 18, 34, 50, 101)
 
 
 def build_network(spatial_dims: int = 2, depth: int = 50, embedding_dim: int = 128,
-                  canonical_pose: bool = False):
+                  canonical_pose: bool = False, normalize: bool = False):
     """Return an untrained ResNet mapping ``(B, 1, *size)`` to ``(B, embedding_dim)``.
 
     MONAI's ``resnet{depth}``: standard stem (7-wide first convolution with stride 2, then max
     pooling), one input channel, the final fully connected layer sized to the embedding. With
     ``canonical_pose`` each image is first resampled into the frame of its own intensity
     moments (``canonical_pose.CanonicalPose``: invariance to rigid motion by construction).
+    With ``normalize`` the embeddings are L2-normalised by the network itself, so that every
+    distance computed from them (library, query, dedup, calibration) is the one trained on.
     """
     from monai.networks import nets
 
@@ -36,6 +38,10 @@ def build_network(spatial_dims: int = 2, depth: int = 50, embedding_dim: int = 1
     resnet = getattr(nets, f"resnet{depth}")(spatial_dims=spatial_dims, n_input_channels=1,
                                              conv1_t_size=7, conv1_t_stride=2,
                                              num_classes=int(embedding_dim))
+    if normalize:
+        from .normalized_linear import NormalizedLinear
+
+        resnet.fc = NormalizedLinear(resnet.fc.in_features, resnet.fc.out_features)
     if canonical_pose:
         from .canonical_pose import CanonicalPoseNetwork
 
@@ -102,13 +108,13 @@ class FingerprintModel:
     @classmethod
     def create(cls, spatial_dims: int, depth: int = 50, embedding_dim: int = 128,
                preprocessing: Preprocessing | None = None, modalities=(),
-               canonical_pose: bool = False) -> "FingerprintModel":
+               canonical_pose: bool = False, normalize: bool = False) -> "FingerprintModel":
         """A new, untrained model (random weights) of the given shape."""
         if preprocessing is None:
             preprocessing = Preprocessing.default(spatial_dims)
         if preprocessing.spatial_dims != spatial_dims:
             raise ValueError("preprocessing.spatial_dims does not match spatial_dims")
-        network = build_network(spatial_dims, depth, embedding_dim, canonical_pose)
+        network = build_network(spatial_dims, depth, embedding_dim, canonical_pose, normalize)
         families = []
         for m in modalities:
             family = modality_family(m) if modality_family(m) != "other" else str(m).strip().lower()
@@ -119,8 +125,11 @@ class FingerprintModel:
                              "embedding_dim": int(embedding_dim)},
             "modalities": families,
         }
-        if canonical_pose:  # only when on: older models' architecture blocks stay as they were
+        # Only when on: older models' architecture blocks (and so their IDs) stay as they were.
+        if canonical_pose:
             metadata["architecture"]["canonical_pose"] = True
+        if normalize:
+            metadata["architecture"]["normalize"] = True
         return cls(network, preprocessing, metadata)
 
     # -- properties ------------------------------------------------------------------
@@ -160,8 +169,9 @@ class FingerprintModel:
     @property
     def model_id(self) -> str:
         """First 16 hex digits of a SHA-256 over the weights (float32, sorted names) and the
-        preprocessing: everything that decides the embeddings, so a library is only ever
-        searched with embeddings made the same way.
+        preprocessing (and the ``normalize`` flag of the architecture, which changes the
+        embeddings without weights of its own): everything that decides the embeddings, so a
+        library is only ever searched with embeddings made the same way.
 
         The calibration turns distances into probabilities without changing embeddings; it
         has its own :attr:`calibration_id`, which libraries record (``model_metadata``) and
@@ -173,7 +183,8 @@ class FingerprintModel:
 
         state = self.network.state_dict()
         prep = json.dumps(self.preprocessing.to_dict(), sort_keys=True, default=json_default)
-        key = (prep,) + tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
+        unit = bool(self.architecture.get("normalize", False))
+        key = (prep, unit) + tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
         if self._id_cache[0] != key:
             digest = hashlib.sha256()
             for name in sorted(state):
@@ -181,6 +192,8 @@ class FingerprintModel:
                 digest.update(name.encode() + b"\n")
                 digest.update(tensor.contiguous().numpy().tobytes())
             digest.update(b"preprocessing\n" + prep.encode("utf-8"))
+            if unit:  # only then: the IDs of every other model stay as they were
+                digest.update(b"\nnormalize")
             self._id_cache = (key, digest.hexdigest()[:16])
         return self._id_cache[1]
 

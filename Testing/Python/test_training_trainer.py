@@ -160,3 +160,44 @@ def test_bf16_training_runs_and_records_its_precision(tmp_path, one_torch_thread
     want = "bfloat16" if cpu_has_bf16() else None
     assert model.metadata["training"]["mixed_precision"] == want
     assert result.last_loss is not None and result.last_loss == result.last_loss  # finite, not NaN
+
+
+def test_a_normalised_run_saves_a_network_that_normalises(tmp_path):
+    """--normalize trains on unit-length embeddings; the saved model must give those, or the
+    library, query, dedup and calibration would all use another distance than the trained one."""
+    from subject_fingerprint import backends
+    from subject_fingerprint.checkpoint import load_checkpoint
+    from subject_fingerprint.embed import Embedder
+
+    train, val = _data()
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=3, val_every=0, normalize=True,
+                      **{**TINY, "calibrate": True})
+    result = Trainer(cfg, train, val).run()
+    model = load_checkpoint(result.best_path)
+    assert model.architecture.get("normalize") is True
+    x = torch.as_tensor(val.images[:5])
+    for name in ("torch", "onnx", "bf16"):
+        if backends.unavailable(name, torch.device("cpu")):
+            continue
+        emb = Embedder(model, device="cpu", progress=False, backend=name).embed_tensor(x)
+        assert torch.allclose(emb.norm(dim=1), torch.ones(5), atol=2e-2 if name == "bf16" else 1e-5), name
+    # The calibration was fitted on those distances: unit vectors are at most 2 apart.
+    assert 0 < model.calibration.threshold <= 2.0
+
+
+def test_weights_move_between_normalised_and_raw_models(tmp_path):
+    from subject_fingerprint.checkpoint import FingerprintModel, load_checkpoint, save_checkpoint
+
+    raw = FingerprintModel.create(2, depth=10, embedding_dim=8)
+    unit = FingerprintModel.create(2, depth=10, embedding_dim=8, normalize=True)
+    unit.network.load_state_dict(raw.network.state_dict(), strict=True)
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        a, b = raw.network.eval()(x), unit.network.eval()(x)
+    assert torch.allclose(torch.nn.functional.normalize(a, dim=1), b, atol=1e-6)
+    assert unit.model_id != raw.model_id  # another network, another ID
+    save_checkpoint(unit, tmp_path / "unit.pt")
+    again = load_checkpoint(tmp_path / "unit.pt")
+    assert again.model_id == unit.model_id
+    with torch.no_grad():
+        assert torch.allclose(again.network(x), b, atol=1e-6)
