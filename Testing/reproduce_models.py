@@ -71,7 +71,7 @@ RECIPES = {
                                                "--miner", "batch-hard", "--normalize", "--bf16",
                                                "--init-from", str(PREVIOUS_STARTER_FILE)]),
     "joint64-r50": {"dims": 2, "sources": ["NIH", "KER"], "args": [
-        "--depth", "50", "--size", "64", "64", "--steps", "900", "--warmup", "50",
+        "--depth", "50", "--size", "64", "64", "--steps", "600", "--warmup", "50",
         "--batch-subjects", "32", "--images-per-subject", "4", "--val-every", "100", "--bf16"]},
     "ker64-ssl": _2d(["KER"], 750, ["--pretrain-steps", "250", "--warmup", "30", "--val-every", "100",
                                     "--bf16"]),
