@@ -62,13 +62,15 @@ def threshold_at_fpr(neg_distances, fpr: float, pos_distances=()) -> float:
 
 
 def fit_calibration(pos_distances, neg_distances, target_fpr: float = 0.01,
-                    fprs=DEFAULT_FPRS):
+                    fprs=DEFAULT_FPRS, neg_groups=None):
     """Fit a ``subject_fingerprint.calibration.Calibration`` on validation pair distances.
 
     ``coef``/``intercept``: logistic regression of "same subject" on distance (balanced
     class weights, a negative slope is enforced by the data: positives are closer).
     ``threshold``: distance threshold at ``target_fpr`` on the negatives;
     ``fpr_table``: [fpr, threshold] for each of ``fprs`` (plus the target).
+    ``neg_groups`` (one code per negative, e.g. its source): each threshold is the smallest of
+    the groups' own, so the FPR stays within the target on every group, not only on average.
     """
     from sklearn.linear_model import LogisticRegression
     from subject_fingerprint.calibration import Calibration
@@ -92,7 +94,16 @@ def fit_calibration(pos_distances, neg_distances, target_fpr: float = 0.01,
         raise ValueError("same-subject pairs are not closer than different-subject pairs; "
                          "the model cannot be calibrated on these distances")
     table = sorted({float(f) for f in fprs} | {float(target_fpr)})
-    fpr_table = tuple(zip(table, thresholds_at_fprs(pos, neg, table)))
+    if neg_groups is None:
+        thresholds = thresholds_at_fprs(pos, neg, table)
+    else:
+        groups = np.asarray(neg_groups).ravel()
+        if len(groups) != len(neg):
+            raise ValueError("neg_groups needs one code per negative distance")
+        # Each group's thresholds from its negatives alone (the positives have no group).
+        thresholds = np.min([thresholds_at_fprs((), neg[groups == g], table)
+                             for g in np.unique(groups)], axis=0).tolist()
+    fpr_table = tuple(zip(table, thresholds))
     return Calibration(coef=coef, intercept=intercept,
                        threshold=dict(fpr_table)[float(target_fpr)],
                        target_fpr=float(target_fpr), fpr_table=fpr_table)

@@ -6,7 +6,11 @@ correlation on the same preprocessed images.
 ``cross_domain.md``: one row per (model, source), with N-way K-shot Mean-Recall@K, P@1 and
 mAP@R of the model and of pixel correlation on the same episodes, and their difference.
 A model is measured on sources it was trained on and on sources it has never seen alike;
-the table says which (from the source names recorded in the checkpoint).
+the table says which (from the source names recorded in the checkpoint). Each row also gives
+the false- and true-positive rates of the model's calibrated threshold on the evaluated pairs,
+so a threshold that does not carry to new subjects or another hospital shows.
+``--write-calibration`` first fits each model's calibration on the validation subjects of all
+the sources given (pairs within a source only) and stores it in the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import html
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -48,10 +52,54 @@ def _row(n_way, k_shot, result):
     return None
 
 
+def _operating_point(calibration, emb, labels) -> Optional[dict]:
+    """False- and true-positive rates of ``calibration``'s threshold on these images' pairs:
+    whether a threshold fitted on validation subjects holds on the evaluated ones."""
+    from .calibration_fit import calibration_pairs
+
+    if calibration is None:
+        return None
+    pos, neg = calibration_pairs(emb, labels)
+    if len(neg) == 0:
+        return None
+    t = calibration.threshold
+    return {"threshold": t, "target_fpr": calibration.target_fpr,
+            "fpr": float(np.mean(neg <= t)), "tpr": float(np.mean(pos <= t)) if len(pos) else None}
+
+
+def _calibrate_on_validation(model, path, found, split, embedder, batch_size, progress) -> dict:
+    """Fit the model's calibration on the validation subjects of every source, pairs within a
+    source only, thresholds the smallest of the sources' (as multi-source training does), and
+    store it in the checkpoint (in place, float16 kept)."""
+    from subject_fingerprint.checkpoint import save_checkpoint
+
+    from .calibration_fit import calibration_pairs, fit_calibration
+    from .evaluate import _embed, _load_subset, _stored_half
+
+    pos, neg, groups = [], [], []
+    for i, name in enumerate(found):
+        ds = _load_subset(found[name].records, split[name], "val", model, progress)
+        p, n = calibration_pairs(_embed(embedder, ds.images, batch_size), np.array(ds.subject_ids()))
+        pos.append(p)
+        neg.append(n)
+        groups.append(np.full(len(n), i))
+    calibration = fit_calibration(np.concatenate(pos), np.concatenate(neg), target_fpr=0.01,
+                                  neg_groups=np.concatenate(groups))
+    half = _stored_half(path)
+    model.calibration = calibration
+    stored = dict(model.metadata.get("metrics") or {})
+    stored["calibration_fitted_on"] = "val of " + ", ".join(found) + " (pairs within each source)"
+    model.metadata["metrics"] = stored
+    save_checkpoint(model, path, half=half)
+    return calibration.to_dict()
+
+
 def run_cross_domain(sources: Dict[str, str], splits: Dict[str, str], models: Dict[str, str],
                      out: str, ways=(20,), shots=(1,), episodes: int = 100, seed: int = 0,
                      subset: str = "test", device: str = "auto", batch_size: int = 64,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, write_calibration: bool = False) -> dict:
+    """Every model on every source's ``subset`` next to pixel correlation; with
+    ``write_calibration`` each model is first calibrated on the sources' validation subjects."""
     from subject_fingerprint.checkpoint import load_checkpoint
     from subject_fingerprint.embed import Embedder
     from subject_fingerprint.io import discover
@@ -71,6 +119,8 @@ def run_cross_domain(sources: Dict[str, str], splits: Dict[str, str], models: Di
         model = load_checkpoint(mpath)
         seen = trained_on(model)
         embedder = Embedder(model, device=device, batch_size=batch_size, progress=False)
+        if write_calibration:
+            _calibrate_on_validation(model, mpath, found, split, embedder, batch_size, progress)
         for sname, spath in sources.items():
             ds = _load_subset(found[sname].records, split[sname], subset, model, progress)
             labels = np.array(ds.subject_ids())
@@ -104,6 +154,7 @@ def run_cross_domain(sources: Dict[str, str], splits: Dict[str, str], models: Di
             rr, br = res.get("retrieval", {}), base.get("retrieval", {})
             row["retrieval"] = {"model": {k: rr.get(k) for k in ("precision_at_1", "map_at_r")},
                                 "pixel_correlation": {k: br.get(k) for k in ("precision_at_1", "map_at_r")}}
+            row["calibration"] = _operating_point(model.calibration, emb, labels)
             rows.append(row)
             if progress:
                 print(_line(row))
@@ -134,10 +185,14 @@ def cross_domain_markdown(result: dict) -> str:
     lines = [f"# Cross-domain evaluation ({esc(str(result['subset']))} splits, "
              f"{result['episodes']} episodes, seed {result['seed']})", "",
              "| model | source | seen in training | input | N-way K-shot | model MRe@K | pixel corr. | "
-             "difference | model P@1 | pixel P@1 | model mAP@R | pixel mAP@R |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "difference | model P@1 | pixel P@1 | model mAP@R | pixel mAP@R | FPR (TPR) at the "
+             "calibrated threshold |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         rm, rp = row["retrieval"]["model"], row["retrieval"]["pixel_correlation"]
+        cal = row.get("calibration")
+        op = (f"{_pct(cal['fpr'])} ({_pct(cal['tpr'])}) at target {_pct(cal['target_fpr'])}"
+              if cal else "–")
         for s in row["settings"] or [{}]:
             diff = s.get("difference")
             lines.append(
@@ -145,7 +200,7 @@ def cross_domain_markdown(result: dict) -> str:
                 f"{'x'.join(str(v) for v in row['input_size'])} | {s.get('n_way', '–')}-way {s.get('k_shot', '–')}-shot | "
                 f"{_pct(s.get('model'))} | {_pct(s.get('pixel_correlation'))} | "
                 f"{'–' if diff is None else f'{100 * diff:+.1f}'} | {_pct(rm['precision_at_1'])} | "
-                f"{_pct(rp['precision_at_1'])} | {_pct(rm['map_at_r'])} | {_pct(rp['map_at_r'])} |")
+                f"{_pct(rp['precision_at_1'])} | {_pct(rm['map_at_r'])} | {_pct(rp['map_at_r'])} | {op} |")
     notes = sorted({n for row in result["rows"] for n in row.get("notes", [])})
     if notes:
         lines += [""] + [f"- {esc(n)}" for n in notes]
@@ -158,4 +213,5 @@ def main_from_args(args) -> dict:
                             _named(args.model, "model"), args.out, ways=args.ways,
                             shots=args.shots, episodes=args.episodes, seed=args.seed,
                             subset=args.subset, device=args.device,
-                            batch_size=args.batch_size, progress=not args.quiet)
+                            batch_size=args.batch_size, progress=not args.quiet,
+                            write_calibration=getattr(args, "write_calibration", False))

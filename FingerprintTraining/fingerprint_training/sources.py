@@ -163,6 +163,24 @@ class MultiSourceTrainer(Trainer):
                                for n, v in per.items()}}
 
 
+    def fit_calibration(self) -> Optional[dict]:
+        """Calibration on each source's validation pairs, never across sources: an adult film
+        and a child's are easy negatives that would dilute the false-positive rate. The
+        thresholds are the smallest of the sources' (within the target FPR on each)."""
+        from .calibration_fit import calibration_pairs, fit_calibration
+
+        pos, neg, groups = [], [], []
+        for i, ds in enumerate(self.val_sets.values()):
+            p, n = calibration_pairs(self.embed(ds.images), ds.labels)
+            pos.append(p)
+            neg.append(n)
+            groups.append(np.full(len(n), i))
+        pos, neg = np.concatenate(pos), np.concatenate(neg)
+        if len(pos) < 2 or len(neg) < 2:
+            return None
+        return fit_calibration(pos, neg, target_fpr=0.01, neg_groups=np.concatenate(groups)).to_dict()
+
+
 def run_multi_training(cfg: TrainConfig, specs: Sequence[SourceSpec]) -> TrainResult:
     """Discover, split and preload every source, then train one model on all of them."""
     from subject_fingerprint.io import discover

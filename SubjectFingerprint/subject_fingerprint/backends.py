@@ -13,7 +13,11 @@
                int8 changes embeddings more than the float backends, so it is only for models
                whose retrieval figures were checked with it (see README).
 ``auto``       every candidate above except int8 is run on a check batch at load time; the
-               fastest whose embeddings match eager float32 to :data:`MIN_COSINE` (per row) wins.
+               fastest whose embeddings match eager float32 wins: a cosine of at least
+               :data:`MIN_COSINE` on every row *and* distances between the batch's images
+               within :data:`MAX_DISTANCE_ERROR` of float32's (a model whose embeddings sit
+               in a narrow cone, norms of 4 and different-subject distances of 0.04, kept a
+               cosine of 0.99998 in bf16 while its distances moved by 12 %).
 
 The decision is made from the CPU flags and the measurement, never from a stored note: a
 machine without bf16 units simply has no ``bf16`` candidate. A measurement is remembered (in
@@ -46,7 +50,10 @@ BACKENDS = ("auto", "torch", "bf16", "onnx", "onnx-int8")
 # Smallest per-row cosine between a backend's embedding and eager float32 that ``auto``
 # accepts (bf16 autocast measures 0.9999+ on ResNet-50; anything below this is a wrong result).
 MIN_COSINE = 0.999
-CHECK_BATCH = 2
+# Largest median relative change of the distances between the check batch's embeddings
+# (bf16 measured 0.005 with the starter model, 0.11 with a model it was wrong for).
+MAX_DISTANCE_ERROR = 0.02
+CHECK_BATCH = 8
 ONNX_OPSET = 17
 
 
@@ -233,6 +240,31 @@ def check_batch(model, batch: int = CHECK_BATCH):
     return torch.randn((batch, 1) + tuple(model.preprocessing.size), generator=gen)
 
 
+def distance_error(reference, other) -> float:
+    """Median relative change of the pairwise distances of ``reference``'s rows in ``other``
+    (0 for fewer than two rows)."""
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    if len(a) < 2:
+        return 0.0
+    i, j = np.triu_indices(len(a), 1)
+    da = np.linalg.norm(a[i] - a[j], axis=1)
+    db = np.linalg.norm(b[i] - b[j], axis=1)
+    keep = da > 0
+    return float(np.median(np.abs(db[keep] - da[keep]) / da[keep])) if keep.any() else 0.0
+
+
+def _mismatch(reference, out) -> str:
+    """Why ``out`` does not match float32 ``reference`` ("" when it does)."""
+    cos = min_cosine(reference, out)
+    if cos < MIN_COSINE:
+        return f"cosine {cos:.5f} < {MIN_COSINE}"
+    err = distance_error(reference, out)
+    if err > MAX_DISTANCE_ERROR:
+        return f"distances off by {100 * err:.1f} % (> {100 * MAX_DISTANCE_ERROR:g} %)"
+    return ""
+
+
 def min_cosine(a, b) -> float:
     """Smallest per-row cosine similarity between two embedding batches."""
     a = np.asarray(a, dtype=np.float64)
@@ -252,10 +284,11 @@ class Choice:
     cosines: Dict[str, float] = field(default_factory=dict)
     rejected: Dict[str, str] = field(default_factory=dict)
     recalled: str = ""  # when the measurement was made, if it was remembered, not made now
+    distance_errors: Dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        parts = [f"{n} {self.timings[n] * 1000:.0f} ms (cos {self.cosines.get(n, 1.0):.5f})"
-                 for n in self.timings]
+        parts = [f"{n} {self.timings[n] * 1000:.0f} ms (cos {self.cosines.get(n, 1.0):.5f}, "
+                 f"distances {100 * self.distance_errors.get(n, 0.0):.2f} %)" for n in self.timings]
         parts += [f"{n}: {why}" for n, why in self.rejected.items()]
         when = f" (measured {self.recalled}, remembered)" if self.recalled else ""
         return f"backend {self.name}; check batch{when}: " + "; ".join(parts)
@@ -349,7 +382,7 @@ def _choice_key(model, device, x, names) -> str:
         ort_version = ""
     parts = [model.model_id, list(x.shape), str(device), names, torch.__version__, ort_version,
              _cpu_name(), sorted(cpu_flags()), cpu_cores(), torch.get_num_threads(),
-             os.environ.get("OMP_WAIT_POLICY", "")]
+             os.environ.get("OMP_WAIT_POLICY", ""), [MIN_COSINE, MAX_DISTANCE_ERROR]]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
@@ -370,7 +403,8 @@ def _recall(key: str) -> Optional[dict]:
 
 def _remember(key: str, choice: Choice) -> None:
     entry = {"name": choice.name, "timings": choice.timings, "cosines": choice.cosines,
-             "rejected": choice.rejected, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+             "distance_errors": choice.distance_errors, "rejected": choice.rejected,
+             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     _REMEMBERED[key] = entry
     path = cache_dir() / _CHOICES_FILE
     try:
@@ -391,13 +425,14 @@ def _recalled_choice(model, device, entry) -> Optional[Choice]:
         runner = make_runner(model, entry["name"], device)
         x = check_batch(model)
         reference = TorchRunner(model.network, device, model.spatial_dims, channels_last=False)(x)
-        if min_cosine(reference.numpy(), runner(x).numpy()) < MIN_COSINE:
+        if _mismatch(reference.numpy(), runner(x).numpy()):
             return None
     except Exception:  # noqa: BLE001 - measure again
         return None
     return Choice(runner, entry["name"], dict(entry.get("timings", {})),
                   dict(entry.get("cosines", {})), dict(entry.get("rejected", {})),
-                  recalled=entry.get("measured", "?"))
+                  recalled=entry.get("measured", "?"),
+                  distance_errors=dict(entry.get("distance_errors", {})))
 
 
 def choose(model, backend: str, device, check=None, remember: bool = True) -> Choice:
@@ -427,13 +462,16 @@ def choose(model, backend: str, device, check=None, remember: bool = True) -> Ch
         try:
             runner = make_runner(model, name, device)
             seconds, out = _time(runner, x, give_up=4 * best[0] if best else float("inf"))
-            cos = min_cosine(reference.numpy(), out.numpy())
+            out = out.numpy()
         except Exception as exc:  # a backend that fails here is simply not used
             choice.rejected[name] = f"failed ({type(exc).__name__}: {exc})"
             continue
-        choice.timings[name], choice.cosines[name] = seconds, cos
-        if cos < MIN_COSINE:
-            choice.rejected[name] = f"cosine {cos:.5f} < {MIN_COSINE}"
+        choice.timings[name] = seconds
+        choice.cosines[name] = min_cosine(reference.numpy(), out)
+        choice.distance_errors[name] = distance_error(reference.numpy(), out)
+        why = _mismatch(reference.numpy(), out)
+        if why:
+            choice.rejected[name] = why
             continue
         if best is None or seconds < best[0]:
             best = (seconds, name, runner)

@@ -120,6 +120,30 @@ def test_an_unreadable_choices_file_costs_only_a_measurement(model, cache, one_t
     assert json.loads((cache / "backend-choices.json").read_text())  # rewritten whole
 
 
+def test_distance_error_measures_what_retrieval_sees():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 4))
+    assert backends.distance_error(a, a) == 0.0
+    assert backends.distance_error(a, 1.1 * a) == pytest.approx(0.1)
+    assert backends.distance_error(a, a + 5.0) == pytest.approx(0.0, abs=1e-12)  # a shift keeps distances
+    assert backends.distance_error(a[:1], a[:1] * 3) == 0.0
+
+
+def test_auto_refuses_a_backend_that_moves_distances_despite_a_high_cosine(cache, one_torch_thread):
+    """Embeddings far from the origin (a large common offset) keep a cosine of ~1 under bf16
+    rounding while the distances between them, all that retrieval uses, are lost."""
+    if not backends.cpu_has_bf16():
+        pytest.skip("no bf16 units: bf16 is not a candidate here")
+    torch.manual_seed(0)
+    offset = FingerprintModel.create(2, depth=10, embedding_dim=16,
+                                     preprocessing=Preprocessing(spatial_dims=2, size=(32, 32)))
+    with torch.no_grad():
+        offset.network.fc.bias += 200.0
+    choice = backends.choose(offset, "auto", torch.device("cpu"), remember=False)
+    assert choice.cosines["bf16"] >= backends.MIN_COSINE
+    assert "distances off" in choice.rejected["bf16"] and choice.name != "bf16"
+
+
 def test_bf16_offered_only_with_the_cpu_flag(monkeypatch):
     monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "fma"})
     assert "bf16" not in backends.auto_candidates(torch.device("cpu"))

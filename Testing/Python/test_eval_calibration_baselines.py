@@ -32,6 +32,22 @@ def test_fit_calibration_monotone_and_threshold_fpr():
     assert Calibration.from_dict(cal.to_dict()) == cal
 
 
+def test_grouped_negatives_keep_every_group_within_the_target():
+    rng = np.random.default_rng(1)
+    pos = np.abs(rng.normal(1.0, 0.3, 200))
+    easy, hard = rng.normal(5.0, 0.5, 6000), rng.normal(2.0, 0.5, 2000)
+    neg = np.concatenate([easy, hard])
+    pooled = C.fit_calibration(pos, neg, target_fpr=0.01)
+    grouped = C.fit_calibration(pos, neg, target_fpr=0.01,
+                                neg_groups=np.r_[np.zeros(len(easy)), np.ones(len(hard))])
+    # Pooled, the easy group dilutes the rate: the hard group sees about 4 times the target.
+    assert (hard <= pooled.threshold).mean() > 0.03
+    assert (hard <= grouped.threshold).mean() <= 0.01 and (easy <= grouped.threshold).mean() <= 0.01
+    assert grouped.threshold == C.threshold_at_fpr(hard, 0.01)
+    with pytest.raises(ValueError, match="one code per negative"):
+        C.fit_calibration(pos, neg, neg_groups=[0, 1])
+
+
 def test_threshold_at_fpr_by_hand():
     neg = [4.0, 1.0, 3.0, 2.0]
     assert C.threshold_at_fpr(neg, 0.25) == 1.5   # accepts exactly the smallest

@@ -91,6 +91,21 @@ def test_train_two_sources_from_the_command_line_and_resume_exactly(tmp_path, on
     assert t["train_summary"]["subjects"] == 6          # 3 + 3: "P0" of A is not "P0" of B
     assert t["hyperparameters"]["augment_preset"] == "domain"
     assert set(model.metadata["metrics"]["validation"]["per_source"]) == {"A", "B"}
+    # Calibrated on each source's own pairs (float32 embeddings), the thresholds the smaller.
+    from fingerprint_training.calibration_fit import calibration_pairs, thresholds_at_fprs
+    from fingerprint_training.evaluate import _load_subset
+    from fingerprint_training.splits import load_split
+    from subject_fingerprint.embed import Embedder
+    from subject_fingerprint.io import discover
+
+    embedder = Embedder(model, device="cpu", progress=False)
+    per_source = []
+    for name in ("a", "b"):
+        found = discover([str(tmp_path / name)], manifest=str(tmp_path / name / "manifest.csv"))
+        ds = _load_subset(found.records, load_split(tmp_path / f"{name}.json"), "val", model, False)
+        emb = embedder.embed_tensor(torch.as_tensor(ds.images)).numpy()
+        per_source.append(thresholds_at_fprs((), calibration_pairs(emb, np.array(ds.subject_ids()))[1], [0.01])[0])
+    assert model.calibration.threshold == pytest.approx(min(per_source), rel=1e-4)
 
     # Interrupted after 2 steps, then resumed: exactly the uninterrupted run's weights.
     specs = parse_sources([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"],
