@@ -75,6 +75,12 @@ RECIPES = {
         "--batch-subjects", "32", "--images-per-subject", "4", "--val-every", "100", "--bf16"]},
     "ker64-ssl": _2d(["KER"], 750, ["--pretrain-steps", "250", "--warmup", "30", "--val-every", "100",
                                     "--bf16"]),
+    # Self-supervised pretraining (every training image its own subject) before metric learning,
+    # on one source, measured on the other: NIH only, and Kermany only for longer.
+    "nih64-ssl": _2d(["NIH"], 750, ["--pretrain-steps", "250", "--warmup", "30", "--val-every", "100",
+                                    "--bf16"]),
+    "ker64-ssl-long": _2d(["KER"], 2000, ["--pretrain-steps", "700", "--warmup", "30", "--val-every", "200",
+                                          "--bf16"]),
     "lgg3d-canon": {"dims": 3, "sources": ["LGG"], "args": [
         "--dims", "3", "--size", "32", "32", "32", "--depth", "18", "--steps", "700", "--warmup", "30",
         "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
