@@ -148,10 +148,16 @@ def _seed_for(*parts: int) -> int:
 
 
 def load_initial_weights(model, path) -> None:
-    """Copy the network weights of checkpoint ``path`` into ``model`` (same architecture)."""
+    """Copy the network weights of checkpoint ``path`` into ``model`` (same architecture; the
+    ``normalize`` flag may differ: it adds no weights, so a raw model can be fine-tuned into a
+    normalised one and back)."""
     from subject_fingerprint.checkpoint import load_checkpoint
     start = load_checkpoint(path)
-    if start.architecture != model.architecture:
+
+    def weights_shape(arch):
+        return {k: v for k, v in arch.items() if k != "normalize"}
+
+    if weights_shape(start.architecture) != weights_shape(model.architecture):
         raise ValueError(f"{path}: its architecture {start.architecture} differs from the run's "
                          f"{model.architecture}")
     model.network.load_state_dict(start.network.state_dict())

@@ -201,3 +201,19 @@ def test_weights_move_between_normalised_and_raw_models(tmp_path):
     assert again.model_id == unit.model_id
     with torch.no_grad():
         assert torch.allclose(again.network(x), b, atol=1e-6)
+
+
+def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
+    from fingerprint_training.trainer import load_initial_weights
+    from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
+
+    start = FingerprintModel.create(2, depth=18, embedding_dim=8)
+    path = save_checkpoint(start, tmp_path / "start.pt")
+    train, val = _data()
+    # A normalised run may start from a raw model: the flag adds no weights.
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=1, val_every=0, normalize=True, embedding_dim=8,
+                      init_from=str(path), write_outputs=False, **TINY)
+    trainer = Trainer(cfg, train, val)
+    assert _same(_weights(trainer), {k: v for k, v in start.network.state_dict().items()})
+    with pytest.raises(ValueError, match="differs from the run's"):
+        load_initial_weights(FingerprintModel.create(2, depth=10, embedding_dim=8), path)
