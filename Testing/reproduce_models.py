@@ -1,7 +1,7 @@
 """Rebuild the shipped starter models (and the other recipes of BENCHMARKS.md) from the shared
 data in one command, timing every step:
 
-    python Testing/reproduce_models.py                      # the shipped 3D model
+    python Testing/reproduce_models.py                      # the shipped 2D and 3D models
     python Testing/reproduce_models.py --recipes all        # every recipe of the table
     python Testing/reproduce_models.py --recipes ker64 --out runs/repro --threads 2
 
@@ -9,7 +9,8 @@ Each recipe is one ``subject-fingerprint train`` command (printed before it runs
 ``OUT/NAME``; ``--evaluate`` then runs the cross-domain table (2D) or the moved-query
 evaluation (3D) on the committed test splits into ``OUT/NAME/eval``; ``--ship`` writes the
 shipped recipes' best checkpoints as float16 into ``Resources/Models`` (calibration from
-validation subjects, as trained). Wall times go to ``OUT/timings.json``. On a machine with
+validation subjects: as trained for 3D; refitted on the float16 weights for 2D, pairs within
+each source). Wall times go to ``OUT/timings.json``. On a machine with
 CUDA the same commands train with mixed precision (``--device auto``); without it they run on
 the CPU. Needs ``../shared/data`` (or ``--data``).
 """
@@ -93,7 +94,7 @@ RECIPES = {
         "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
         "--val-n-way", "8", "--val-moved", "--canonical-pose", "--bf16"]},
 }
-SHIPPED = {"lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
+SHIPPED = {"joint64-ft-2400": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
 FOLDERS = {"NIH": NIH, "KER": KER, "LGG": LGG}
 
@@ -109,17 +110,20 @@ def train_command(name, data: Path, out: Path, threads: int, device: str):
              *r["args"], "--threads", str(threads), "--device", device, "--quiet"])
 
 
-def eval_command(name, data: Path, out: Path, device: str):
+def eval_command(name, data: Path, out: Path, device: str, model: Path = None, write_calibration=False):
+    """The evaluation of recipe ``name`` (its best.pt, or ``model``); ``write_calibration``
+    (2D) first refits the model's calibration on both sources' validation subjects, in place."""
     r = RECIPES[name]
-    model = out / name / "best.pt"
+    model = model or out / name / "best.pt"
     if r["dims"] == 3:
         return [*CLI, "evaluate", str(data / LGG), "--model", str(model),
                 "--split", str(SPLITS / f"{LGG}-seed42.json"), "--out", str(out / name / "eval"),
                 "--moved-queries", "--ways", "10", "5", "--shots", "1", "--device", device, "--quiet"]
     return [*CLI, "evaluate", f"NIH={data / NIH}", f"KER={data / KER}", "--split",
             f"NIH={SPLITS / f'{NIH}-seed42.json'}", f"KER={SPLITS / f'{KER}-seed42.json'}",
-            "--model", f"{name}={model}", "--out", str(out / name / "eval"), "--ways", "20",
-            "--shots", "1", "--device", device, "--quiet"]
+            "--model", f"{name}={model}", "--out", str(out / name / ("eval-shipped" if write_calibration else "eval")),
+            "--ways", "20", "--shots", "1", "--device", device, "--quiet",
+            *(["--write-calibration"] if write_calibration else [])]
 
 
 def previous_starter() -> Path:
@@ -180,7 +184,11 @@ def main(argv=None) -> int:
         timings[name] = entry
         timings_path.write_text(json.dumps(timings, indent=1) + "\n")
         if args.ship and name in SHIPPED:
-            ship(args.out / name / "best.pt", ROOT / "Resources" / "Models" / SHIPPED[name])
+            target = ROOT / "Resources" / "Models" / SHIPPED[name]
+            ship(args.out / name / "best.pt", target)
+            if RECIPES[name]["dims"] == 2:  # calibrate the float16 weights that ship
+                _run(eval_command(name, args.data, args.out, args.device, model=target,
+                                  write_calibration=True))
     print(json.dumps(timings, indent=1))
     return 0
 

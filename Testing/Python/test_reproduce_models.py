@@ -28,6 +28,10 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
         ev = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu")[3:])
         assert ev.model[0].endswith(f"{name}/best.pt")
         assert ev.moved_queries == (r.RECIPES[name]["dims"] == 3)
+        if r.RECIPES[name]["dims"] == 2:  # the shipped float16 file is calibrated in place
+            cal = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu",
+                                                           model=tmp_path / "m.pt", write_calibration=True)[3:])
+            assert cal.write_calibration and cal.model == [f"{name}={tmp_path / 'm.pt'}"]
 
 
 def test_unknown_recipe_and_missing_data_are_clear_errors(tmp_path, capsys):
