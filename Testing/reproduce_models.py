@@ -85,6 +85,8 @@ RECIPES = {
                                     "--bf16"]),
     "ker64-ssl-long": _2d(["KER"], 2000, ["--pretrain-steps", "700", "--warmup", "30", "--val-every", "200",
                                           "--bf16"]),
+    "ker64-ssl-xl": _2d(["KER"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
+                                        "--bf16"]),
     "lgg3d-canon": {"dims": 3, "sources": ["LGG"], "args": [
         "--dims", "3", "--size", "32", "32", "32", "--depth", "18", "--steps", "700", "--warmup", "30",
         "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
