@@ -78,9 +78,6 @@ RECIPES = {
                                     "--bf16"]),
     # Self-supervised pretraining (every training image its own subject) before metric learning,
     # on one source, measured on the other: NIH only, and Kermany only for longer.
-    "joint64-ft-ssl": _2d(["NIH", "KER"], 2900, ["--pretrain-steps", "500", "--warmup", "20", "--lr", "3e-4",
-                                                "--val-every", "200", "--bf16",
-                                                "--init-from", str(PREVIOUS_STARTER_FILE)]),
     "nih64-ssl": _2d(["NIH"], 750, ["--pretrain-steps", "250", "--warmup", "30", "--val-every", "100",
                                     "--bf16"]),
     "ker64-ssl-long": _2d(["KER"], 2000, ["--pretrain-steps", "700", "--warmup", "30", "--val-every", "200",
