@@ -419,11 +419,11 @@ def _remember(key: str, choice: Choice) -> None:
         logger.info("backend choice not stored in %s: %s", path, exc)
 
 
-def _recalled_choice(model, device, entry) -> Optional[Choice]:
-    """The remembered winner, if it still matches float32 on a small check batch."""
+def _recalled_choice(model, device, entry, x) -> Optional[Choice]:
+    """The remembered winner, if it still matches float32 on the first images of ``x``."""
     try:
         runner = make_runner(model, entry["name"], device)
-        x = check_batch(model)
+        x = x[:CHECK_BATCH]
         reference = TorchRunner(model.network, device, model.spatial_dims, channels_last=False)(x)
         if _mismatch(reference.numpy(), runner(x).numpy()):
             return None
@@ -451,7 +451,7 @@ def choose(model, backend: str, device, check=None, remember: bool = True) -> Ch
     key = _choice_key(model, device, x, names) if remember else ""
     entry = _recall(key) if remember else None
     if entry is not None:
-        recalled = _recalled_choice(model, device, entry)
+        recalled = _recalled_choice(model, device, entry, x)
         if recalled is not None:
             logger.info(recalled.summary())
             return recalled

@@ -172,6 +172,12 @@ class Embedder:
     def backend_choice(self):
         """The backend in use; ``auto`` is decided on first use, so a run that finds every
         image already stored never pays for the check."""
+        return self._decide()
+
+    def _decide(self, first=None):
+        """Decide the backend (once); ``auto`` measures on ``first``, the first real batch to
+        embed, when there is one: distances between real images are what must survive a
+        lower precision (noise inputs of an untrained network sit closer together)."""
         from .backends import Choice, TorchRunner, check_batch, choose
 
         if self._choice is None:
@@ -184,8 +190,9 @@ class Embedder:
                 # Measured on a batch shaped like the real passes: at 64 px ONNX wins at 2
                 # images and bf16 at 64, by 2x either way.
                 batch = min(self.batch_size, _pass_images(self.device, self.model.preprocessing.size))
-                self._choice = choose(self.model, request, self.device,
-                                      check=check_batch(self.model, batch))
+                real = first is not None and len(first) >= min(batch, 8)
+                check = first[:batch].float() if real else check_batch(self.model, batch)
+                self._choice = choose(self.model, request, self.device, check=check)
         return self._choice
 
     @property
@@ -209,6 +216,7 @@ class Embedder:
         import torch
 
         self.embedded_count += int(x.shape[0])
+        self._decide(first=x)
         step = self.pass_size(x)
         if step >= x.shape[0]:
             return self.runner(x)

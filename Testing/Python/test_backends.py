@@ -144,6 +144,26 @@ def test_auto_refuses_a_backend_that_moves_distances_despite_a_high_cosine(cache
     assert "distances off" in choice.rejected["bf16"] and choice.name != "bf16"
 
 
+def test_auto_in_the_embedder_measures_on_the_first_real_batch(model, cache, monkeypatch,
+                                                                one_torch_thread):
+    seen = []
+    real_choose = backends.choose
+
+    def spy(m, backend, device, check=None, remember=True):
+        seen.append(check)
+        return real_choose(m, backend, device, check=check, remember=False)
+
+    import subject_fingerprint.embed as embed_module
+    monkeypatch.setattr(embed_module, "choose", spy, raising=False)
+    monkeypatch.setattr(backends, "choose", spy)
+    embedder = Embedder(model, device="cpu", backend="auto", progress=False, batch_size=16)
+    x = torch.rand(12, 1, 32, 32)
+    embedder.embed_tensor(x)
+    assert len(seen) == 1 and torch.equal(seen[0], x)
+    embedder.embed_tensor(x)
+    assert len(seen) == 1  # decided once
+
+
 def test_bf16_offered_only_with_the_cpu_flag(monkeypatch):
     monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "fma"})
     assert "bf16" not in backends.auto_candidates(torch.device("cpu"))
