@@ -118,6 +118,20 @@ def calibration_pairs(embeddings, labels, max_negatives: Optional[int] = 200000,
             pair_distances(embeddings, neg_pairs, distance))
 
 
+def within_source_pairs(embedded):
+    """``(pos, neg, groups)`` over ``embedded``, pairs of (embeddings, labels) of one source
+    each: the pairs of every source, never across sources (an adult film and a child's are easy
+    negatives that would dilute the false-positive rate), ``groups`` the source of each negative
+    (for ``fit_calibration(..., neg_groups=groups)``)."""
+    pos, neg, groups = [], [], []
+    for i, (embeddings, labels) in enumerate(embedded):
+        p, n = calibration_pairs(embeddings, labels)
+        pos.append(p)
+        neg.append(n)
+        groups.append(np.full(len(n), i))
+    return np.concatenate(pos), np.concatenate(neg), np.concatenate(groups)
+
+
 def fit_from_embeddings(embeddings, labels, target_fpr: float = 0.01, seed: int = 0,
                         max_negatives: Optional[int] = 200000):
     """``fit_calibration`` on the pairs of a labelled embedding set (e.g. the validation split)."""

@@ -67,31 +67,27 @@ def _operating_point(calibration, emb, labels) -> Optional[dict]:
             "fpr": float(np.mean(neg <= t)), "tpr": float(np.mean(pos <= t)) if len(pos) else None}
 
 
-def _calibrate_on_validation(model, path, found, split, embedder, batch_size, progress) -> dict:
+def _calibrate_on_validation(model, path, found, split, embedder, batch_size, progress) -> None:
     """Fit the model's calibration on the validation subjects of every source, pairs within a
     source only, thresholds the smallest of the sources' (as multi-source training does), and
     store it in the checkpoint (in place, float16 kept)."""
     from subject_fingerprint.checkpoint import save_checkpoint
 
-    from .calibration_fit import calibration_pairs, fit_calibration
+    from .calibration_fit import fit_calibration, within_source_pairs
     from .evaluate import _embed, _load_subset, _stored_half
 
-    pos, neg, groups = [], [], []
-    for i, name in enumerate(found):
+    def validation(name):
         ds = _load_subset(found[name].records, split[name], "val", model, progress)
-        p, n = calibration_pairs(_embed(embedder, ds.images, batch_size), np.array(ds.subject_ids()))
-        pos.append(p)
-        neg.append(n)
-        groups.append(np.full(len(n), i))
-    calibration = fit_calibration(np.concatenate(pos), np.concatenate(neg), target_fpr=0.01,
-                                  neg_groups=np.concatenate(groups))
+        return _embed(embedder, ds.images, batch_size), np.array(ds.subject_ids())
+
+    pos, neg, groups = within_source_pairs(validation(name) for name in found)
+    calibration = fit_calibration(pos, neg, target_fpr=0.01, neg_groups=groups)
     half = _stored_half(path)
     model.calibration = calibration
     stored = dict(model.metadata.get("metrics") or {})
     stored["calibration_fitted_on"] = "val of " + ", ".join(found) + " (pairs within each source)"
     model.metadata["metrics"] = stored
     save_checkpoint(model, path, half=half)
-    return calibration.to_dict()
 
 
 def run_cross_domain(sources: Dict[str, str], splits: Dict[str, str], models: Dict[str, str],

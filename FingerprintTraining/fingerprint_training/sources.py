@@ -162,23 +162,16 @@ class MultiSourceTrainer(Trainer):
                 "per_source": {n: {"n_way": v["n_way"], "mean_recall_at_k": v["mean_recall_at_k"]}
                                for n, v in per.items()}}
 
-
     def fit_calibration(self) -> Optional[dict]:
-        """Calibration on each source's validation pairs, never across sources: an adult film
-        and a child's are easy negatives that would dilute the false-positive rate. The
-        thresholds are the smallest of the sources' (within the target FPR on each)."""
-        from .calibration_fit import calibration_pairs, fit_calibration
+        """Calibration on each source's validation pairs, never across sources; the thresholds
+        are the smallest of the sources' (within the target FPR on each)."""
+        from .calibration_fit import fit_calibration, within_source_pairs
 
-        pos, neg, groups = [], [], []
-        for i, ds in enumerate(self.val_sets.values()):
-            p, n = calibration_pairs(self.embed(ds.images), ds.labels)
-            pos.append(p)
-            neg.append(n)
-            groups.append(np.full(len(n), i))
-        pos, neg = np.concatenate(pos), np.concatenate(neg)
+        pos, neg, groups = within_source_pairs((self.embed(ds.images), ds.labels)
+                                               for ds in self.val_sets.values())
         if len(pos) < 2 or len(neg) < 2:
             return None
-        return fit_calibration(pos, neg, target_fpr=0.01, neg_groups=np.concatenate(groups)).to_dict()
+        return fit_calibration(pos, neg, target_fpr=0.01, neg_groups=groups).to_dict()
 
 
 def run_multi_training(cfg: TrainConfig, specs: Sequence[SourceSpec]) -> TrainResult:

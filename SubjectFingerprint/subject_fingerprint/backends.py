@@ -57,16 +57,21 @@ CHECK_BATCH = 8
 ONNX_OPSET = 17
 
 
-def cpu_flags() -> set:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
+def _cpuinfo(field_name: str) -> str:
+    """The first ``field_name`` line of /proc/cpuinfo ("" where it is absent)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field_name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags() -> set:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
+    return set(_cpuinfo("flags").split())
 
 
 def cpu_has_bf16() -> bool:
@@ -254,15 +259,15 @@ def distance_error(reference, other) -> float:
     return float(np.median(np.abs(db[keep] - da[keep]) / da[keep])) if keep.any() else 0.0
 
 
-def _mismatch(reference, out) -> str:
-    """Why ``out`` does not match float32 ``reference`` ("" when it does)."""
-    cos = min_cosine(reference, out)
+def _compare(reference, out):
+    """``(cosine, distance error, why)`` of ``out`` against float32 ``reference``; ``why`` is
+    "" when ``out`` matches."""
+    cos, err = min_cosine(reference, out), distance_error(reference, out)
     if cos < MIN_COSINE:
-        return f"cosine {cos:.5f} < {MIN_COSINE}"
-    err = distance_error(reference, out)
+        return cos, err, f"cosine {cos:.5f} < {MIN_COSINE}"
     if err > MAX_DISTANCE_ERROR:
-        return f"distances off by {100 * err:.1f} % (> {100 * MAX_DISTANCE_ERROR:g} %)"
-    return ""
+        return cos, err, f"distances off by {100 * err:.1f} % (> {100 * MAX_DISTANCE_ERROR:g} %)"
+    return cos, err, ""
 
 
 def min_cosine(a, b) -> float:
@@ -361,14 +366,7 @@ def auto_candidates(device) -> List[str]:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _choice_key(model, device, x, names) -> str:
@@ -425,7 +423,7 @@ def _recalled_choice(model, device, entry, x) -> Optional[Choice]:
         runner = make_runner(model, entry["name"], device)
         x = x[:CHECK_BATCH]
         reference = TorchRunner(model.network, device, model.spatial_dims, channels_last=False)(x)
-        if _mismatch(reference.numpy(), runner(x).numpy()):
+        if _compare(reference.numpy(), runner(x).numpy())[2]:
             return None
     except Exception:  # noqa: BLE001 - measure again
         return None
@@ -455,21 +453,18 @@ def choose(model, backend: str, device, check=None, remember: bool = True) -> Ch
         if recalled is not None:
             logger.info(recalled.summary())
             return recalled
-    reference = TorchRunner(model.network, device, model.spatial_dims, channels_last=False)(x)
+    reference = TorchRunner(model.network, device, model.spatial_dims, channels_last=False)(x).numpy()
     choice = Choice(None, "")
     best = None
     for name in names:
         try:
             runner = make_runner(model, name, device)
             seconds, out = _time(runner, x, give_up=4 * best[0] if best else float("inf"))
-            out = out.numpy()
         except Exception as exc:  # a backend that fails here is simply not used
             choice.rejected[name] = f"failed ({type(exc).__name__}: {exc})"
             continue
         choice.timings[name] = seconds
-        choice.cosines[name] = min_cosine(reference.numpy(), out)
-        choice.distance_errors[name] = distance_error(reference.numpy(), out)
-        why = _mismatch(reference.numpy(), out)
+        choice.cosines[name], choice.distance_errors[name], why = _compare(reference, out.numpy())
         if why:
             choice.rejected[name] = why
             continue
