@@ -92,6 +92,13 @@ RECIPES = {
         "--dims", "3", "--size", "32", "32", "32", "--depth", "10", "--steps", "700", "--warmup", "30",
         "--batch-subjects", "16", "--images-per-subject", "3", "--cross-modal", "--val-every", "50",
         "--val-n-way", "8", "--val-moved", "--canonical-pose", "--bf16"]},
+    # Afternoon of 2026-12-03: the joint fine-tune started from the self-supervised Kermany model
+    # instead of the NIH-only one ("init": a recipe whose best.pt it starts from, trained first
+    # when missing); and the NIH-only model pretrained as long as ker64-ssl-xl.
+    "joint64-sslft": {**_2d(["NIH", "KER"], 2400, ["--warmup", "20", "--lr", "3e-4", "--val-every", "200",
+                                                  "--bf16"]), "init": "ker64-ssl-xl"},
+    "nih64-ssl-xl": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
+                                        "--bf16"]),
 }
 SHIPPED = {"joint64-ft-2400": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
@@ -105,8 +112,9 @@ def train_command(name, data: Path, out: Path, threads: int, device: str):
         a, b = _src(s, FOLDERS[s], data)
         sources += a
         splits += b
+    init = ["--init-from", str(out / r["init"] / "best.pt")] if "init" in r else []
     return ([*CLI, "train", *sources, "--split", *splits, "--out", str(out / name),
-             *r["args"], "--threads", str(threads), "--device", device, "--quiet"])
+             *r["args"], *init, "--threads", str(threads), "--device", device, "--quiet"])
 
 
 def eval_command(name, data: Path, out: Path, device: str, model: Path = None, write_calibration=False):
@@ -172,6 +180,10 @@ def main(argv=None) -> int:
     timings_path = args.out / "timings.json"
     args.out.mkdir(parents=True, exist_ok=True)
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    for name in list(names):  # a recipe's "init" recipe is trained first where it is missing
+        init = RECIPES[name].get("init")
+        if init and init not in names and not (args.out / init / "best.pt").is_file():
+            names.insert(names.index(name), init)
     for name in names:
         if str(PREVIOUS_STARTER_FILE) in RECIPES[name]["args"]:
             previous_starter()

@@ -23,6 +23,9 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
         assert cmd[:3] == r.CLI
         args = build_parser().parse_args(cmd[3:])
         assert args.out == str(tmp_path / "out" / name) and args.threads == 1
+        if "init" in r.RECIPES[name]:  # starts from another recipe's best checkpoint
+            assert r.RECIPES[name]["init"] in r.RECIPES
+            assert args.init_from == str(tmp_path / "out" / r.RECIPES[name]["init"] / "best.pt")
         for spec in args.split:
             assert Path(spec.partition("=")[2]).is_file(), spec     # committed split files
         ev = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu")[3:])
@@ -41,3 +44,20 @@ def test_unknown_recipe_and_missing_data_are_clear_errors(tmp_path, capsys):
     assert "unknown recipe" in capsys.readouterr().err
     assert r.main(["--recipes", "ker64", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_recipe_starting_from_another_trains_that_one_first_only_when_missing(tmp_path, monkeypatch):
+    r = _module()
+    data, out = tmp_path / "data", tmp_path / "out"
+    for folder in r.FOLDERS.values():
+        (data / folder).mkdir(parents=True)
+        (data / folder / "manifest.csv").write_text("subject_id,image_path\n")
+    ran = []
+    monkeypatch.setattr(r, "_run", lambda cmd: ran.append(cmd[cmd.index("--out") + 1]) or 0.0)
+    assert r.main(["--recipes", "joint64-sslft", "--data", str(data), "--out", str(out)]) == 0
+    assert ran == [str(out / "ker64-ssl-xl"), str(out / "joint64-sslft")]
+    (out / "ker64-ssl-xl").mkdir(parents=True, exist_ok=True)
+    (out / "ker64-ssl-xl" / "best.pt").write_bytes(b"")
+    ran.clear()
+    assert r.main(["--recipes", "joint64-sslft", "--data", str(data), "--out", str(out)]) == 0
+    assert ran == [str(out / "joint64-sslft")]
