@@ -76,11 +76,13 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-subjects", type=int, default=32, metavar="P")
     p.add_argument("--images-per-subject", type=int, default=4, metavar="K")
-    p.add_argument("--loss", choices=("triplet", "contrastive"), default="triplet")
+    p.add_argument("--loss", choices=("triplet", "contrastive", "multi-similarity"), default="triplet",
+                   help="multi-similarity (Wang et al. 2019) needs --normalize")
     p.add_argument("--miner", choices=("algorithm1", "batch-hard", "all"), default="algorithm1")
     p.add_argument("--margin", type=float, default=None,
-                   help="triplet margin / contrastive negative margin (default 4 unnormalised "
-                        "triplet as in the paper, 0.2 normalised triplet, 1 contrastive)")
+                   help="triplet margin / contrastive negative margin / multi-similarity base "
+                        "(default 4 unnormalised triplet as in the paper, 0.2 normalised triplet, "
+                        "1 contrastive, 0.5 multi-similarity)")
     p.add_argument("--xbm", type=int, default=0, metavar="SIZE", help="cross-batch memory size (0 = off)")
     p.add_argument("--xbm-start", type=int, default=0, help="use the memory from this step on")
     p.add_argument("--normalize", action="store_true", help="L2-normalise embeddings")

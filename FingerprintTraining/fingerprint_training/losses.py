@@ -1,5 +1,5 @@
-"""The training objective: pytorch-metric-learning's triplet margin and contrastive losses
-(averaged over their non-zero terms), a miner from :mod:`.mining` and PML's cross-batch memory,
+"""The training objective: pytorch-metric-learning's triplet margin, contrastive and
+multi-similarity losses (averaged over their non-zero terms), a miner from :mod:`.mining` and PML's cross-batch memory,
 put together as options by :class:`MetricObjective`.
 """
 
@@ -16,13 +16,16 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .mining import MINERS, Algorithm1Miner, EuclideanDistance, build_miner, other_modality_only
 
-LOSSES = ("triplet", "contrastive")
+LOSSES = ("triplet", "contrastive", "multi-similarity")
+PAIR_LOSSES = ("contrastive", "multi-similarity")  # scored on pairs: miner "all" = every pair
 
 
 def build_loss(name: str, margin: float, pos_margin: float = 0.0):
     """PML ``TripletMarginLoss(margin)`` or ``ContrastiveLoss(pos_margin, neg_margin=margin)`` on
     Euclidean distances, each part averaged over its non-zero terms (``AvgNonZeroReducer``; the
-    contrastive loss adds the positive and the negative part)."""
+    contrastive loss adds the positive and the negative part); or ``MultiSimilarityLoss`` (Wang
+    et al. 2019, alpha 2, beta 50, base = ``margin``) on cosine similarities, averaged over the
+    anchors that have pairs."""
     if name == "triplet":
         return pml_losses.TripletMarginLoss(margin=margin, distance=EuclideanDistance(),
                                             reducer=AvgNonZeroReducer(collect_stats=True))
@@ -31,6 +34,9 @@ def build_loss(name: str, margin: float, pos_margin: float = 0.0):
         return pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=margin,
                                           distance=EuclideanDistance(),
                                           reducer=MultipleReducers(parts))
+    if name == "multi-similarity":
+        return pml_losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=margin,
+                                              reducer=AvgNonZeroReducer(collect_stats=True))
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
 
 
@@ -53,10 +59,11 @@ class StepStats:
 class MetricObjective:
     """Loss of a batch of embeddings: options, not forks.
 
-    loss: "triplet" | "contrastive"; miner: "algorithm1" | "batch-hard" | "all"
-    (for the contrastive loss "all" uses every pair, other miners the pairs of the mined
-    triplets); margin: triplet margin or the contrastive negative margin; normalize: L2-normalise
-    embeddings first; xbm_size > 0: PML's cross-batch memory, filled from the start and used
+    loss: "triplet" | "contrastive" | "multi-similarity"; miner: "algorithm1" | "batch-hard" |
+    "all" (for the pair losses "all" uses every pair, other miners the pairs of the mined
+    triplets); margin: triplet margin, the contrastive negative margin or the multi-similarity
+    base; normalize: L2-normalise embeddings first (required by multi-similarity, whose cosine
+    similarities the saved model must reproduce); xbm_size > 0: PML's cross-batch memory, filled from the start and used
     from step ``xbm_start`` on; cross_modal: positives must be of another modality (group).
     """
 
@@ -70,10 +77,13 @@ class MetricObjective:
             # BatchHardMiner cannot be told; the memory keeps no modalities.
             raise ValueError("cross-modal positives work with the algorithm1 and all miners, "
                              "without a cross-batch memory")
+        if loss == "multi-similarity" and not normalize:
+            raise ValueError("the multi-similarity loss scores cosine similarities: train with "
+                             "normalised embeddings (--normalize) so the saved model gives them")
         self.loss, self.miner_name, self.margin = loss, miner, float(margin)
         self.loss_fn = build_loss(loss, self.margin, float(pos_margin))
-        # "all" for the contrastive loss means every pair: no miner at all.
-        self.miner = None if (loss == "contrastive" and miner == "all") else build_miner(miner, self.margin)
+        # "all" for a pair loss means every pair: no miner at all.
+        self.miner = None if (loss in PAIR_LOSSES and miner == "all") else build_miner(miner, self.margin)
         if self.miner is not None:
             self.miner.collect_stats = True
         self.normalize, self.cross_modal = bool(normalize), bool(cross_modal)
@@ -123,7 +133,7 @@ class MetricObjective:
                 raise ValueError("cross-modal positives need modality groups")
             indices = other_modality_only(indices, groups.to(emb.device))
         loss = self.loss_fn(emb, labels, indices, ref, ref_labels)
-        if self.loss == "contrastive" and len(indices) == 3:
+        if self.loss in PAIR_LOSSES and len(indices) == 3:
             indices = lmu.convert_to_pairs(indices, labels, ref_labels)  # the pairs PML scores
         stats.used_triplets = int(indices[1].numel() + (indices[3].numel() if len(indices) == 4 else 0))
         stats.active = _active_terms(self.loss_fn)

@@ -58,9 +58,10 @@ class TrainConfig:
     steps: int = 2000
     batch_subjects: int = 32
     images_per_subject: int = 4
-    loss: str = "triplet"            # triplet | contrastive
+    loss: str = "triplet"            # triplet | contrastive | multi-similarity (needs normalize)
     miner: str = "algorithm1"        # algorithm1 | batch-hard | all
-    margin: Optional[float] = None   # None: 4.0 triplet (paper), 0.2 normalised triplet, 1.0 contrastive
+    margin: Optional[float] = None   # None: 4.0 triplet (paper), 0.2 normalised triplet, 1.0 contrastive,
+                                     # 0.5 multi-similarity base
     pos_margin: float = 0.0
     xbm: int = 0                     # cross-batch memory size (0 = off)
     xbm_start: int = 0
@@ -100,6 +101,8 @@ class TrainConfig:
             return float(self.margin)
         if self.loss == "contrastive":
             return 1.0
+        if self.loss == "multi-similarity":
+            return 0.5
         return 0.2 if self.normalize else 4.0
 
     def to_dict(self) -> dict:

@@ -1,7 +1,6 @@
 """Domain-shift augmentation (augment_more.py): reproducible, shape- and range-safe, and each
 option really changes the image the way it says."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -179,3 +179,25 @@ def test_objective_normalize_and_contrastive_run():
         assert torch.isfinite(loss) and stats.used_triplets >= stats.active
     with pytest.raises(ValueError):
         MetricObjective(miner="nope")
+
+
+def test_multi_similarity_loss_hand_computed_and_needs_normalised_embeddings():
+    # cosine similarities of 3 images, subjects [0, 0, 1]; base 0.5, alpha 2, beta 50
+    s = torch.tensor([[1.0, 0.8, 0.6], [0.8, 1.0, 0.3], [0.6, 0.3, 1.0]])
+    obj = MetricObjective(loss="multi-similarity", miner="all", margin=0.5, normalize=True)
+    sim = FixedDistance(s)
+    sim.is_inverted = True  # a similarity: larger is closer
+    obj.loss_fn.distance = sim
+    obj.normalize = False   # the "embeddings" are row numbers for FixedDistance
+    loss, stats = obj(_rows(3), torch.tensor([0, 0, 1]))
+
+    def anchor(pos, negs):
+        p = math.log1p(sum(math.exp(-2 * (x - 0.5)) for x in pos)) / 2
+        n = math.log1p(sum(math.exp(50 * (x - 0.5)) for x in negs)) / 50
+        return p + n
+    # image 2 has no positive: its term is the negative part alone
+    expected = (anchor([0.8], [0.6]) + anchor([0.8], [0.3]) + anchor([], [0.6, 0.3])) / 3
+    assert math.isclose(float(loss), expected, rel_tol=1e-5)
+    assert stats.used_triplets == 2 + 4 and stats.active == 3
+    with pytest.raises(ValueError, match="--normalize"):
+        MetricObjective(loss="multi-similarity")

@@ -1,8 +1,6 @@
 """Training on several sources: NAME=PATH parsing, subject IDs kept apart, batches balanced
 across sources, exact resume, and the command line (tiny PNG folders, a few steps)."""
 
-import json
-
 import numpy as np
 import pytest
 

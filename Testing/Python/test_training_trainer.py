@@ -185,6 +185,21 @@ def test_a_normalised_run_saves_a_network_that_normalises(tmp_path):
     assert 0 < model.calibration.threshold <= 2.0
 
 
+def test_a_multi_similarity_run_trains_on_unit_vectors(tmp_path):
+    from subject_fingerprint.checkpoint import load_checkpoint
+
+    train, val = _data()
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=3, val_every=0, loss="multi-similarity",
+                      miner="all", normalize=True, **{**TINY, "margin": None})
+    result = Trainer(cfg, train, val).run()
+    assert result.last_loss is not None and 0 < result.last_loss < 10
+    model = load_checkpoint(result.best_path)
+    hp = model.metadata["training"]["hyperparameters"]
+    assert hp["loss"] == "multi-similarity" and hp["margin"] == 0.5 and model.architecture["normalize"]
+    with pytest.raises(ValueError, match="--normalize"):
+        Trainer(TrainConfig(out=str(tmp_path / "raw"), steps=1, loss="multi-similarity", **TINY), train, val)
+
+
 def test_weights_move_between_normalised_and_raw_models(tmp_path):
     from subject_fingerprint.checkpoint import FingerprintModel, load_checkpoint, save_checkpoint
 
