@@ -97,6 +97,10 @@ RECIPES = {
     # when missing); and the NIH-only model pretrained as long as ker64-ssl-xl.
     "joint64-sslft": {**_2d(["NIH", "KER"], 2400, ["--warmup", "20", "--lr", "3e-4", "--val-every", "200",
                                                   "--bf16"]), "init": "ker64-ssl-xl"},
+    # The same fine-tune with the multi-similarity loss on unit vectors (every pair of the batch).
+    "joint64-sslft-ms": {**_2d(["NIH", "KER"], 2400, ["--warmup", "20", "--lr", "3e-4", "--val-every", "200",
+                                                     "--loss", "multi-similarity", "--normalize",
+                                                     "--miner", "all", "--bf16"]), "init": "ker64-ssl-xl"},
     "nih64-ssl-xl": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
                                         "--bf16"]),
 }
