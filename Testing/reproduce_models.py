@@ -4,13 +4,15 @@ data in one command, timing every step:
     python Testing/reproduce_models.py                      # the shipped 2D and 3D models
     python Testing/reproduce_models.py --recipes all        # every recipe of the table
     python Testing/reproduce_models.py --recipes ker64 --out runs/repro --threads 2
+    python Testing/reproduce_models.py --resume --ship      # continue stopped runs, then ship
 
 Each recipe is one ``subject-fingerprint train`` command (printed before it runs) into
 ``OUT/NAME``; ``--evaluate`` then runs the cross-domain table (2D) or the moved-query
 evaluation (3D) on the committed test splits into ``OUT/NAME/eval``; ``--ship`` writes the
 shipped recipes' best checkpoints as float16 into ``Resources/Models`` (calibration from
 validation subjects: as trained for 3D; refitted on the float16 weights for 2D, pairs within
-each source). Wall times go to ``OUT/timings.json``. On a machine with
+each source). ``--resume`` continues each run from its ``last.pt`` (a finished run is left as
+it is). Wall times go to ``OUT/timings.json``. On a machine with
 CUDA the same commands train with mixed precision (``--device auto``); without it they run on
 the CPU. Needs ``../shared/data`` (or ``--data``).
 """
@@ -109,7 +111,7 @@ CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running
 FOLDERS = {"NIH": NIH, "KER": KER, "LGG": LGG}
 
 
-def train_command(name, data: Path, out: Path, threads: int, device: str):
+def train_command(name, data: Path, out: Path, threads: int, device: str, resume: bool = False):
     r = RECIPES[name]
     sources, splits = [], []
     for s in r["sources"]:
@@ -118,7 +120,8 @@ def train_command(name, data: Path, out: Path, threads: int, device: str):
         splits += b
     init = ["--init-from", str(out / r["init"] / "best.pt")] if "init" in r else []
     return ([*CLI, "train", *sources, "--split", *splits, "--out", str(out / name),
-             *r["args"], *init, "--threads", str(threads), "--device", device, "--quiet"])
+             *r["args"], *init, "--threads", str(threads), "--device", device, "--quiet",
+             *(["--resume"] if resume else [])])
 
 
 def eval_command(name, data: Path, out: Path, device: str, model: Path = None, write_calibration=False):
@@ -167,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--evaluate", action="store_true", help="evaluate each model on the test splits")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each recipe's run from its last.pt (a finished run stays as it is, so "
+                        "--resume --ship ships finished runs without training them again)")
     p.add_argument("--ship", action="store_true", help="write the shipped models into Resources/Models")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="only print BENCHMARKS.md rows of these runs")
     args = p.parse_args(argv)
@@ -191,7 +197,10 @@ def main(argv=None) -> int:
     for name in names:
         if str(PREVIOUS_STARTER_FILE) in RECIPES[name]["args"]:
             previous_starter()
-        entry = {"train_s": _run(train_command(name, args.data, args.out, args.threads, args.device)),
+        train_s = _run(train_command(name, args.data, args.out, args.threads, args.device, resume=args.resume))
+        if args.resume and name in timings:  # a resumed run's time adds to what it took before
+            train_s = round(timings[name].get("train_s", 0.0) + train_s, 1)
+        entry = {"train_s": train_s,
                  "threads": args.threads, "device": args.device, "machine": platform.processor() or platform.machine(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         if args.evaluate:

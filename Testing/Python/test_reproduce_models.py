@@ -22,7 +22,8 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
         cmd = r.train_command(name, tmp_path / "data", tmp_path / "out", 1, "cpu")
         assert cmd[:3] == r.CLI
         args = build_parser().parse_args(cmd[3:])
-        assert args.out == str(tmp_path / "out" / name) and args.threads == 1
+        assert args.out == str(tmp_path / "out" / name) and args.threads == 1 and not args.resume
+        assert build_parser().parse_args(r.train_command(name, tmp_path, tmp_path, 1, "cpu", resume=True)[3:]).resume
         if "init" in r.RECIPES[name]:  # starts from another recipe's best checkpoint
             assert r.RECIPES[name]["init"] in r.RECIPES
             assert args.init_from == str(tmp_path / "out" / r.RECIPES[name]["init"] / "best.pt")
@@ -61,3 +62,20 @@ def test_a_recipe_starting_from_another_trains_that_one_first_only_when_missing(
     ran.clear()
     assert r.main(["--recipes", "joint64-sslft", "--data", str(data), "--out", str(out)]) == 0
     assert ran == [str(out / "joint64-sslft")]
+
+
+def test_resume_continues_runs_and_adds_to_their_recorded_time(tmp_path, monkeypatch):
+    import json
+
+    r = _module()
+    data, out = tmp_path / "data", tmp_path / "out"
+    for folder in r.FOLDERS.values():
+        (data / folder).mkdir(parents=True)
+        (data / folder / "manifest.csv").write_text("subject_id,image_path\n")
+    out.mkdir()
+    (out / "timings.json").write_text(json.dumps({"ker64": {"train_s": 100.0}}))
+    ran = []
+    monkeypatch.setattr(r, "_run", lambda cmd: ran.append(cmd) or 2.5)
+    assert r.main(["--recipes", "ker64", "--data", str(data), "--out", str(out), "--resume"]) == 0
+    assert ran[0][-1] == "--resume"
+    assert json.loads((out / "timings.json").read_text())["ker64"]["train_s"] == 102.5
