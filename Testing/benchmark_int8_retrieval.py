@@ -7,7 +7,7 @@ retrieval figures side by side with their difference in points, and how much eac
 the distances between the images (`auto`'s distance rule; not a test). The issue's rule:
 int8 is acceptable for a model only where every figure moves by at most 0.5 points.
 
-    python Testing/benchmark_int8_retrieval.py [--backends bf16,onnx,onnx-int8] [--model CKPT]
+    python Testing/benchmark_int8_retrieval.py [--backends bf16,bf16-mixed,onnx,onnx-int8] [--model CKPT]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from subject_fingerprint.checkpoint import default_model_path, load_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="bf16,onnx,onnx-int8")
+    parser.add_argument("--backends", default="bf16,bf16-mixed,onnx,onnx-int8")
     parser.add_argument("--model", help="checkpoint (default: the bundled starter model)")
     args = parser.parse_args(argv)
     model = load_checkpoint(args.model or default_model_path())

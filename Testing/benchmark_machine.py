@@ -75,17 +75,17 @@ def section_inference(repeat, shapes):
 
     cpu = torch.device("cpu")
     print(f"\n### ResNet-50 inference, ms per image ({torch.get_num_threads()} threads, {load()})\n")
-    print("| input | batch | old path (eager NCHW fp32) | torch channels-last | bf16 | onnx | "
+    print("| input | batch | old path (eager NCHW fp32) | torch channels-last | bf16 | bf16-mixed | onnx | "
           "onnx-int8 | auto picks | auto / old | Embedder (auto, passes of <= 2^18 voxels) | "
-          "min cosine to fp32 (bf16, onnx, int8) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "min cosine to fp32 (bf16, bf16-mixed, onnx, int8) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dims, size in shapes:
         torch.manual_seed(0)
         model = FingerprintModel.create(dims, depth=50, embedding_dim=128,
                                         preprocessing=Preprocessing(spatial_dims=dims, size=size))
         old = backends.TorchRunner(model.network, cpu, dims, channels_last=False)
         runners = {"torch": backends.make_runner(model, "torch", cpu)}
-        for name in ("bf16", "onnx", "onnx-int8"):
+        for name in ("bf16", "bf16-mixed", "onnx", "onnx-int8"):
             try:
                 runners[name] = backends.make_runner(model, name, cpu)
             except ValueError as exc:
@@ -104,9 +104,9 @@ def section_inference(repeat, shapes):
             t_auto = times.get(choice.name, t_old)
             t_emb = best(lambda: embedder.embed_tensor(x), repeat) / batch
             cell = lambda n: f"{times[n] * 1e3:.0f}" if n in times else "-"  # noqa: E731
-            cosines = ", ".join(f"{cos[n]:.5f}" for n in ("bf16", "onnx", "onnx-int8") if n in cos)
+            cosines = ", ".join(f"{cos[n]:.5f}" for n in ("bf16", "bf16-mixed", "onnx", "onnx-int8") if n in cos)
             print(f"| {dims}D {'x'.join(map(str, size))} | {batch} | {t_old * 1e3:.0f} | "
-                  f"{cell('torch')} | {cell('bf16')} | {cell('onnx')} | {cell('onnx-int8')} | "
+                  f"{cell('torch')} | {cell('bf16')} | {cell('bf16-mixed')} | {cell('onnx')} | {cell('onnx-int8')} | "
                   f"{choice.name} | {t_old / t_auto:.2f}x faster | {t_emb * 1e3:.0f} | {cosines} |")
         print(f"auto's check batch: {choice.summary()}", file=sys.stderr)
 
@@ -131,7 +131,7 @@ def section_index(repeat):
     batch = default_batch_size(model)
     images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
     model_alone = {}
-    for name in ("torch", "bf16", "onnx"):
+    for name in ("torch", "bf16", "bf16-mixed", "onnx"):
         try:
             runner = backends.make_runner(model, name, torch.device("cpu"))
         except ValueError:
@@ -142,10 +142,13 @@ def section_index(repeat):
     rows = []
     # "auto, measured": the candidates are timed in the index (as on a first run); "auto,
     # remembered": a later run with the same cache reuses that measurement (backends module doc).
-    cases = (("torch", 0, ""), ("bf16", None, ""), ("auto", None, "measured"),
+    cases = (("torch", 0, ""), ("bf16", None, ""), ("bf16-mixed", None, ""), ("auto", None, "measured"),
              ("auto", None, "remembered"))
     try:
         for backend, workers, mode in cases:
+            if backend != "auto" and backends.unavailable(backend, torch.device("cpu")):
+                print(f"({backends.unavailable(backend, torch.device('cpu'))})", file=sys.stderr)
+                continue
             times, report = [], None
             for r in range(repeat):
                 if mode == "measured":

@@ -8,6 +8,11 @@
                autocast; offered only on CPUs with bf16 units (``avx512_bf16`` /
                ``amx_bf16``), where it runs 2-4x faster than float32 (folding and bf16
                weights: ResNet-50 at 512 px 67 -> 47 ms on AMX in a one-off check, BENCHMARKS.md).
+``bf16-mixed`` the same for the stem and every ResNet stage but the last, which runs in
+               float32 with the pooling and the head (:mod:`.staged_precision`): a trained
+               model's distances are most sensitive to rounding there (the starter model's move
+               by 10 % in bf16 and by 0.3 % with its last stage in float32, BENCHMARKS.md), at
+               about a quarter of the network's arithmetic; same CPUs as ``bf16``.
 ``onnx``       ONNX Runtime, float32, from an export cached per model ID.
 ``onnx-int8``  ONNX Runtime with int8 weights (dynamic quantisation). Never picked by ``auto``:
                int8 changes embeddings more than the float backends, so it is only for models
@@ -46,7 +51,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "bf16", "onnx", "onnx-int8")
+BACKENDS = ("auto", "torch", "bf16", "bf16-mixed", "onnx", "onnx-int8")
 # Smallest per-row cosine between a backend's embedding and eager float32 that ``auto``
 # accepts (bf16 autocast measures 0.9999+ on ResNet-50; anything below this is a wrong result).
 MIN_COSINE = 0.999
@@ -129,24 +134,30 @@ def bf16_network(network):
 
 class TorchRunner:
     """Eager PyTorch; ``autocast`` is None, ``"bf16"`` (CPU: a folded bf16 copy of the
-    network, :func:`bf16_network`) or ``"fp16"`` (CUDA AMP)."""
+    network, :func:`bf16_network`), ``"bf16-mixed"`` (:mod:`.staged_precision`) or
+    ``"fp16"`` (CUDA AMP)."""
 
     def __init__(self, network, device, spatial_dims: int, autocast: Optional[str] = None,
                  channels_last: bool = True):
         if autocast == "bf16":
             network = bf16_network(network)
+        elif autocast == "bf16-mixed":
+            from .staged_precision import bf16_mixed_network
+
+            network = bf16_mixed_network(network)
         self.network = network.to(device).eval()
         self.device = device
         self.autocast = autocast
         self.memory_format = _memory_format(spatial_dims) if channels_last else None
         if self.memory_format is not None:
             self.network = self.network.to(memory_format=self.memory_format)
-        self.name = {"bf16": "bf16", "fp16": "torch (AMP float16)"}.get(autocast, "torch")
+        self.name = {"bf16": "bf16", "bf16-mixed": "bf16-mixed",
+                     "fp16": "torch (AMP float16)"}.get(autocast, "torch")
 
     def _context(self):
         import torch
 
-        if self.autocast == "bf16":
+        if self.autocast == "bf16":  # bf16-mixed sets each part's precision itself
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         if self.autocast == "fp16":
             return torch.autocast(self.device.type, dtype=torch.float16)
@@ -303,8 +314,8 @@ class Choice:
 def unavailable(backend: str, device) -> str:
     """Why ``backend`` (not ``auto``) cannot run on ``device``, or "" when it can: the cheap
     checks, without building a runner."""
-    if backend == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        return ("bf16: this CPU has no bfloat16 units (avx512_bf16/amx_bf16); "
+    if backend in ("bf16", "bf16-mixed") and device.type == "cpu" and not cpu_has_bf16():
+        return (f"{backend}: this CPU has no bfloat16 units (avx512_bf16/amx_bf16); "
                 "use --backend torch or onnx")
     if backend in ("onnx", "onnx-int8"):
         if device.type != "cpu":
@@ -329,8 +340,8 @@ def make_runner(model, backend: str, device):
     if backend == "torch":
         autocast = "fp16" if device.type == "cuda" else None
         return TorchRunner(network, device, dims, autocast=autocast)
-    if backend == "bf16":
-        return TorchRunner(network, device, dims, autocast="bf16")
+    if backend in ("bf16", "bf16-mixed"):
+        return TorchRunner(network, device, dims, autocast=backend)
     precision = "int8" if backend == "onnx-int8" else "fp32"
     return OnnxRunner(export_onnx(model, precision), name=backend)
 
@@ -357,7 +368,7 @@ def auto_candidates(device) -> List[str]:
         return ["torch"]
     names = ["torch"]
     if cpu_has_bf16():
-        names.append("bf16")
+        names += ["bf16", "bf16-mixed"]
     try:
         import onnxruntime  # noqa: F401
         names.append("onnx")

@@ -32,9 +32,10 @@ def _common_model_args(parser: argparse.ArgumentParser, backend: Optional[str] =
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--backend", default=backend,
-                        choices=("auto", "torch", "bf16", "onnx", "onnx-int8"),
+                        choices=("auto", "torch", "bf16", "bf16-mixed", "onnx", "onnx-int8"),
                         help=f"inference backend (default {default_text or backend}); auto times torch, bf16 "
-                             "(CPUs with bf16 units) and ONNX Runtime on a check batch and keeps "
+                             "and bf16-mixed (CPUs with bf16 units; bf16-mixed keeps the last "
+                             "ResNet stage and the head in float32) and ONNX Runtime on a check batch and keeps "
                              "the fastest whose embeddings match float32; onnx-int8 only on "
                              "request")
 

@@ -34,9 +34,10 @@ def _reference(model, x):
 
 @pytest.mark.parametrize("name,cosine", [("torch", 0.99999), ("onnx", 0.99999),
                                          ("bf16", backends.MIN_COSINE),
+                                         ("bf16-mixed", backends.MIN_COSINE),
                                          ("onnx-int8", 0.99)])
 def test_each_backend_matches_float32(model, cache, name, cosine, one_torch_thread):
-    if name == "bf16" and not backends.cpu_has_bf16():
+    if name.startswith("bf16") and not backends.cpu_has_bf16():
         with pytest.raises(ValueError, match="no bfloat16 units"):
             backends.make_runner(model, name, torch.device("cpu"))
         return
@@ -166,9 +167,9 @@ def test_auto_in_the_embedder_measures_on_the_first_real_batch(model, cache, mon
 
 def test_bf16_offered_only_with_the_cpu_flag(monkeypatch):
     monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "fma"})
-    assert "bf16" not in backends.auto_candidates(torch.device("cpu"))
+    assert not {"bf16", "bf16-mixed"} & set(backends.auto_candidates(torch.device("cpu")))
     monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert "bf16" in backends.auto_candidates(torch.device("cpu"))
+    assert {"bf16", "bf16-mixed"} <= set(backends.auto_candidates(torch.device("cpu")))
 
 
 def test_unknown_backend_is_refused(model):
@@ -248,3 +249,52 @@ def test_queries_embed_as_the_library_was_embedded(model, cache, tmp_path, one_t
     with EmbeddingLibrary.open(merged) as opened:
         assert opened.backends == ["onnx", "torch"]
         assert lookup.library_backend(opened, "cpu") == "torch"  # mixed: float32
+
+
+def test_bf16_mixed_keeps_the_last_stage_and_head_in_float32(model, one_torch_thread):
+    from subject_fingerprint.staged_precision import StagedPrecision, bf16_mixed_network
+
+    net = bf16_mixed_network(model.network)
+    assert isinstance(net, StagedPrecision)
+    assert {p.dtype for p in net.low.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in net.high.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.network.parameters()} == {torch.float32}  # the original untouched
+    x = backends.check_batch(model, 4)
+    ref = _reference(model, x).numpy()
+    with torch.inference_mode():
+        out = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast changes nothing
+            assert torch.equal(net(x), out)
+    assert out.dtype == torch.float32
+    assert backends.min_cosine(ref, out.numpy()) >= backends.MIN_COSINE
+    if backends.cpu_has_bf16():
+        runner = backends.make_runner(model, "bf16-mixed", torch.device("cpu"))
+        assert runner.name == "bf16-mixed" and torch.allclose(runner(x), out, atol=1e-6)
+
+
+def test_bf16_mixed_runs_the_canonical_pose_layer_first_in_float32(one_torch_thread):
+    from subject_fingerprint.staged_precision import bf16_mixed_network
+
+    torch.manual_seed(0)
+    model3d = FingerprintModel.create(3, depth=10, embedding_dim=8, canonical_pose=True,
+                                      preprocessing=Preprocessing(spatial_dims=3, size=(16, 16, 16)))
+    net = bf16_mixed_network(model3d.network)
+    assert net.pre is not None and {p.dtype for p in net.low.parameters()} == {torch.bfloat16}
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.inference_mode():
+        ref = model3d.network.eval()(x).numpy()
+        assert backends.min_cosine(ref, net(x).numpy()) >= backends.MIN_COSINE
+
+
+def test_bf16_mixed_refuses_a_network_it_cannot_split(one_torch_thread):
+    from subject_fingerprint.staged_precision import bf16_mixed_network
+
+    with pytest.raises(ValueError, match="not a MONAI ResNet"):
+        bf16_mixed_network(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten()))
+    torch.manual_seed(0)
+    odd = FingerprintModel.create(2, depth=10, embedding_dim=16,
+                                  preprocessing=Preprocessing(spatial_dims=2, size=(32, 32))).network
+    plain = odd.eval().forward
+    odd.forward = lambda x: 2 * plain(x)  # a ResNet whose forward is not just its stages
+    with pytest.raises(ValueError, match="stages in sequence"):
+        bf16_mixed_network(odd)

@@ -1,0 +1,77 @@
+"""The ``bf16-mixed`` backend's network: bfloat16 where rounding is harmless, float32 where it
+is not.
+
+A trained fingerprint network's distances are most sensitive to rounding in its last ResNet
+stage and head: there the features of different subjects differ by a few per cent of their
+size, and bfloat16's 8-bit mantissa moves the starter model's distances by 10 %. The stem and
+the first stages, most of the arithmetic, tolerate it (0.3 % with the last stage in float32;
+BENCHMARKS.md, issue 12). Imported by :mod:`.backends` only when that backend is built.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from monai.networks.nets import ResNet
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+
+def _split_resnet(network):
+    """``(pre, resnet)``: the MONAI ResNet inside ``network`` and what runs before it (the
+    canonical-pose layer, or None); raises ValueError for another network."""
+    if isinstance(network, ResNet):
+        return None, network
+    inner, pose = getattr(network, "resnet", None), getattr(network, "pose", None)
+    if isinstance(inner, ResNet) and pose is not None:
+        return pose, inner
+    raise ValueError(f"bf16-mixed: {type(network).__name__} is not a MONAI ResNet; "
+                     "use --backend bf16 or torch")
+
+
+def bf16_mixed_network(network):
+    """An inference copy of ``network`` (a MONAI ResNet, optionally behind the canonical-pose
+    layer) whose stem and first stages run in bfloat16 with BatchNorm folded, and whose last
+    stage, pooling and head run in float32 (:class:`StagedPrecision`). Checked at build time to
+    compute what ``network`` computes (in float32), so a ResNet whose forward differs from the
+    stage sequence is refused rather than run wrongly."""
+    net = copy.deepcopy(network).float().eval()
+    pre, resnet = _split_resnet(net)
+    staged = StagedPrecision(resnet, pre)  # fuse() works on copies: net is left as it was
+    size = (1, int(resnet.conv1.in_channels)) + (32,) * (resnet.conv1.weight.dim() - 2)
+    x = torch.rand(size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = net(x), staged(x)
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-3, atol=1e-4):
+        raise ValueError("bf16-mixed: this network does not run as its stages in sequence; "
+                         "use --backend bf16 or torch")
+    return staged.to_low_precision()
+
+
+class StagedPrecision(nn.Module):
+    """``pre`` (float32), then ``low`` = stem + all stages but the last (in ``low_dtype``:
+    float32 until :meth:`to_low_precision`, then bfloat16), then ``high`` = last stage +
+    pooling + flatten + head (float32). Autocast is switched off inside, so the precision of
+    each part is the one stated here whatever context the caller runs it in."""
+
+    def __init__(self, resnet, pre=None):
+        super().__init__()
+        stages = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
+        stem = [resnet.conv1, resnet.bn1, resnet.act] + ([] if resnet.no_max_pool else [resnet.maxpool])
+        self.pre = pre
+        self.low_dtype = torch.float32
+        self.low = fuse(nn.Sequential(*stem, *stages[:-1]))
+        self.high = fuse(nn.Sequential(stages[-1], resnet.avgpool, nn.Flatten(1),
+                                       resnet.fc if resnet.fc is not None else nn.Identity()))
+
+    def to_low_precision(self):
+        self.low_dtype = torch.bfloat16
+        self.low = self.low.to(self.low_dtype)
+        return self
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            if self.pre is not None:
+                x = self.pre(x.float())
+            return self.high(self.low(x.to(self.low_dtype)).float())
