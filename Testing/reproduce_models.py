@@ -198,9 +198,10 @@ def main(argv=None) -> int:
         if str(PREVIOUS_STARTER_FILE) in RECIPES[name]["args"]:
             previous_starter()
         train_s = _run(train_command(name, args.data, args.out, args.threads, args.device, resume=args.resume))
-        if args.resume and name in timings:  # a resumed run's time adds to what it took before
-            train_s = round(timings[name].get("train_s", 0.0) + train_s, 1)
-        entry = {"train_s": train_s,
+        before = timings.get(name, {}) if args.resume else {}
+        if before:  # a resumed run's time adds to what it took before; its other figures stay
+            train_s = round(before.get("train_s", 0.0) + train_s, 1)
+        entry = {**before, "train_s": train_s,
                  "threads": args.threads, "device": args.device, "machine": platform.processor() or platform.machine(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         if args.evaluate:

@@ -73,9 +73,10 @@ def test_resume_continues_runs_and_adds_to_their_recorded_time(tmp_path, monkeyp
         (data / folder).mkdir(parents=True)
         (data / folder / "manifest.csv").write_text("subject_id,image_path\n")
     out.mkdir()
-    (out / "timings.json").write_text(json.dumps({"ker64": {"train_s": 100.0}}))
+    (out / "timings.json").write_text(json.dumps({"ker64": {"train_s": 100.0, "evaluate_s": 7.0}}))
     ran = []
     monkeypatch.setattr(r, "_run", lambda cmd: ran.append(cmd) or 2.5)
     assert r.main(["--recipes", "ker64", "--data", str(data), "--out", str(out), "--resume"]) == 0
     assert ran[0][-1] == "--resume"
-    assert json.loads((out / "timings.json").read_text())["ker64"]["train_s"] == 102.5
+    entry = json.loads((out / "timings.json").read_text())["ker64"]
+    assert entry["train_s"] == 102.5 and entry["evaluate_s"] == 7.0
