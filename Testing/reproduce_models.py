@@ -189,7 +189,11 @@ def main(argv=None) -> int:
             return 2
     timings_path = args.out / "timings.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def read_timings():
+        return json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    timings = read_timings()
     for name in list(names):  # a recipe's "init" recipe is trained first where it is missing
         init = RECIPES[name].get("init")
         if init and init not in names and not (args.out / init / "best.pt").is_file():
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
         if str(PREVIOUS_STARTER_FILE) in RECIPES[name]["args"]:
             previous_starter()
         train_s = _run(train_command(name, args.data, args.out, args.threads, args.device, resume=args.resume))
-        before = timings.get(name, {}) if args.resume else {}
+        before = read_timings().get(name, {}) if args.resume else {}
         if before:  # a resumed run's time adds to what it took before; its other figures stay
             train_s = round(before.get("train_s", 0.0) + train_s, 1)
         entry = {**before, "train_s": train_s,
@@ -206,7 +210,8 @@ def main(argv=None) -> int:
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         if args.evaluate:
             entry["evaluate_s"] = _run(eval_command(name, args.data, args.out, args.device))
-        timings[name] = entry
+        # Read again before writing: another run of this script may have recorded its own meanwhile.
+        timings = {**read_timings(), name: entry}
         timings_path.write_text(json.dumps(timings, indent=1) + "\n")
         if args.ship and name in SHIPPED:
             target = ROOT / "Resources" / "Models" / SHIPPED[name]

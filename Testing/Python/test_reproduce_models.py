@@ -80,3 +80,20 @@ def test_resume_continues_runs_and_adds_to_their_recorded_time(tmp_path, monkeyp
     assert ran[0][-1] == "--resume"
     entry = json.loads((out / "timings.json").read_text())["ker64"]
     assert entry["train_s"] == 102.5 and entry["evaluate_s"] == 7.0
+
+
+def test_timings_recorded_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch):
+    import json
+
+    r = _module()
+    data, out = tmp_path / "data", tmp_path / "out"
+    for folder in r.FOLDERS.values():
+        (data / folder).mkdir(parents=True)
+        (data / folder / "manifest.csv").write_text("subject_id,image_path\n")
+
+    def other_run_finishes_meanwhile(cmd):
+        (out / "timings.json").write_text(json.dumps({"ker64-ssl": {"train_s": 5.0}}))
+        return 1.0
+    monkeypatch.setattr(r, "_run", other_run_finishes_meanwhile)
+    assert r.main(["--recipes", "ker64", "--data", str(data), "--out", str(out)]) == 0
+    assert set(json.loads((out / "timings.json").read_text())) == {"ker64", "ker64-ssl"}
