@@ -134,17 +134,18 @@ def bf16_network(network):
 
 class TorchRunner:
     """Eager PyTorch; ``autocast`` is None, ``"bf16"`` (CPU: a folded bf16 copy of the
-    network, :func:`bf16_network`), ``"bf16-mixed"`` (:mod:`.staged_precision`) or
-    ``"fp16"`` (CUDA AMP)."""
+    network, :func:`bf16_network`), ``"bf16-mixed"`` (:mod:`.staged_precision`, which lays
+    out each part for ``input_size``, the model's input size) or ``"fp16"`` (CUDA AMP)."""
 
     def __init__(self, network, device, spatial_dims: int, autocast: Optional[str] = None,
-                 channels_last: bool = True):
+                 channels_last: bool = True, input_size=None):
         if autocast == "bf16":
             network = bf16_network(network)
         elif autocast == "bf16-mixed":
             from .staged_precision import bf16_mixed_network
 
-            network = bf16_mixed_network(network)
+            network = bf16_mixed_network(network, input_size)
+            channels_last = False  # each part keeps the layout it chose
         self.network = network.to(device).eval()
         self.device = device
         self.autocast = autocast
@@ -341,7 +342,8 @@ def make_runner(model, backend: str, device):
         autocast = "fp16" if device.type == "cuda" else None
         return TorchRunner(network, device, dims, autocast=autocast)
     if backend in ("bf16", "bf16-mixed"):
-        return TorchRunner(network, device, dims, autocast=backend)
+        return TorchRunner(network, device, dims, autocast=backend,
+                           input_size=tuple(model.preprocessing.size))
     precision = "int8" if backend == "onnx-int8" else "fp32"
     return OnnxRunner(export_onnx(model, precision), name=backend)
 

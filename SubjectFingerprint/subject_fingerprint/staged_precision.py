@@ -4,14 +4,22 @@ is not.
 A trained fingerprint network's distances are most sensitive to rounding in its last ResNet
 stage and head: there the features of different subjects differ by a few per cent of their
 size, and bfloat16's 8-bit mantissa moves the starter model's distances by 10 %. The stem and
-the first stages, most of the arithmetic, tolerate it (0.3 % with the last stage in float32;
-BENCHMARKS.md, issue 12). Imported by :mod:`.backends` only when that backend is built.
+the first stages, most of the arithmetic, tolerate it (0.4 % with the last stage in float32;
+``Testing/benchmark_bf16_stages.py``). Imported by :mod:`.backends` only when that backend is
+built.
+
+Each part also gets its own memory layout: channels-last for the stem and first stages (NCHW
+convolutions there measured up to 8x slower), and for the last stage NCHW when its input is a
+few pixels across: oneDNN's channels-last kernels took 47 ms against 15 ms for the starter's
+last stage at 4 x 4 pixels (batch 64), and lost at every size up to 8 x 8 (2D) and 5 x 8 x 8
+(3D), while at 32 x 32 channels-last won by 1.1-1.6x (2026-12-03, the AMX machine).
 """
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from monai.networks.nets import ResNet
 from torch import nn
@@ -30,15 +38,31 @@ def _split_resnet(network):
                      "use --backend bf16 or torch")
 
 
-def bf16_mixed_network(network):
+# The last stage runs NCHW when its input has at most this many pixels/voxels per channel.
+SMALL_STAGE_INPUT = 512
+
+
+def _last_stage_input(resnet, size) -> int:
+    """Pixels (voxels) per channel entering ``resnet``'s last stage for inputs of ``size``,
+    from a forward pass on the meta device (shapes only, no arithmetic)."""
+    stem = [resnet.conv1, resnet.bn1, resnet.act] + ([] if resnet.no_max_pool else [resnet.maxpool])
+    front = copy.deepcopy(nn.Sequential(*stem, resnet.layer1, resnet.layer2, resnet.layer3)).to("meta")
+    with torch.no_grad():
+        h = front(torch.empty((1, int(resnet.conv1.in_channels), *size), device="meta"))
+    return int(np.prod(h.shape[2:]))
+
+
+def bf16_mixed_network(network, size=None):
     """An inference copy of ``network`` (a MONAI ResNet, optionally behind the canonical-pose
     layer) whose stem and first stages run in bfloat16 with BatchNorm folded, and whose last
-    stage, pooling and head run in float32 (:class:`StagedPrecision`). Checked at build time to
-    compute what ``network`` computes (in float32), so a ResNet whose forward differs from the
-    stage sequence is refused rather than run wrongly."""
+    stage, pooling and head run in float32 (:class:`StagedPrecision`), each part in the memory
+    layout that suits inputs of ``size`` (the model's input size; module doc). Checked at build
+    time to compute what ``network`` computes (in float32), so a ResNet whose forward differs
+    from the stage sequence is refused rather than run wrongly."""
     net = copy.deepcopy(network).float().eval()
     pre, resnet = _split_resnet(net)
-    staged = StagedPrecision(resnet, pre)  # fuse() works on copies: net is left as it was
+    small = size is not None and _last_stage_input(resnet, size) <= SMALL_STAGE_INPUT
+    staged = StagedPrecision(resnet, pre, nchw_last_stage=small)  # fuse() copies: net stays as it was
     size = (1, int(resnet.conv1.in_channels)) + (32,) * (resnet.conv1.weight.dim() - 2)
     x = torch.rand(size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -53,9 +77,10 @@ class StagedPrecision(nn.Module):
     """``pre`` (float32), then ``low`` = stem + all stages but the last (in ``low_dtype``:
     float32 until :meth:`to_low_precision`, then bfloat16), then ``high`` = last stage +
     pooling + flatten + head (float32). Autocast is switched off inside, so the precision of
-    each part is the one stated here whatever context the caller runs it in."""
+    each part is the one stated here whatever context the caller runs it in; so is the memory
+    layout: channels-last for ``low``, and for ``high`` too unless ``nchw_last_stage``."""
 
-    def __init__(self, resnet, pre=None):
+    def __init__(self, resnet, pre=None, nchw_last_stage: bool = False):
         super().__init__()
         stages = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
         stem = [resnet.conv1, resnet.bn1, resnet.act] + ([] if resnet.no_max_pool else [resnet.maxpool])
@@ -64,6 +89,11 @@ class StagedPrecision(nn.Module):
         self.low = fuse(nn.Sequential(*stem, *stages[:-1]))
         self.high = fuse(nn.Sequential(stages[-1], resnet.avgpool, nn.Flatten(1),
                                        resnet.fc if resnet.fc is not None else nn.Identity()))
+        dims = resnet.conv1.weight.dim() - 2
+        self.low_format = torch.channels_last if dims == 2 else torch.channels_last_3d
+        self.high_format = torch.contiguous_format if nchw_last_stage else self.low_format
+        self.low = self.low.to(memory_format=self.low_format)
+        self.high = self.high.to(memory_format=self.high_format)
 
     def to_low_precision(self):
         self.low_dtype = torch.bfloat16
@@ -74,4 +104,5 @@ class StagedPrecision(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             if self.pre is not None:
                 x = self.pre(x.float())
-            return self.high(self.low(x.to(self.low_dtype)).float())
+            h = self.low(x.to(self.low_dtype).contiguous(memory_format=self.low_format))
+            return self.high(h.float().contiguous(memory_format=self.high_format))

@@ -298,3 +298,15 @@ def test_bf16_mixed_refuses_a_network_it_cannot_split(one_torch_thread):
     odd.forward = lambda x: 2 * plain(x)  # a ResNet whose forward is not just its stages
     with pytest.raises(ValueError, match="stages in sequence"):
         bf16_mixed_network(odd)
+
+
+def test_bf16_mixed_lays_out_a_small_last_stage_nchw(model, one_torch_thread):
+    from subject_fingerprint.staged_precision import bf16_mixed_network
+
+    small = bf16_mixed_network(model.network, (32, 32))        # last stage input 2 x 2
+    large = bf16_mixed_network(model.network, (1024, 1024))    # 64 x 64
+    assert small.high_format == torch.contiguous_format
+    assert large.high_format == torch.channels_last == large.low_format
+    x = backends.check_batch(model, 2)
+    with torch.inference_mode():
+        assert torch.allclose(small(x), large(x), atol=1e-5)  # the layout changes no number
