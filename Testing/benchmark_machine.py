@@ -104,9 +104,10 @@ def section_inference(repeat, shapes):
             t_auto = times.get(choice.name, t_old)
             t_emb = best(lambda: embedder.embed_tensor(x), repeat) / batch
             cell = lambda n: f"{times[n] * 1e3:.0f}" if n in times else "-"  # noqa: E731
-            cosines = ", ".join(f"{cos[n]:.5f}" for n in ("bf16", "bf16-mixed", "onnx", "onnx-int8") if n in cos)
+            others = ("bf16", "bf16-mixed", "onnx", "onnx-int8")
+            cosines = ", ".join(f"{cos[n]:.5f}" for n in others if n in cos)
             print(f"| {dims}D {'x'.join(map(str, size))} | {batch} | {t_old * 1e3:.0f} | "
-                  f"{cell('torch')} | {cell('bf16')} | {cell('bf16-mixed')} | {cell('onnx')} | {cell('onnx-int8')} | "
+                  f"{' | '.join(cell(n) for n in ('torch', *others))} | "
                   f"{choice.name} | {t_old / t_auto:.2f}x faster | {t_emb * 1e3:.0f} | {cosines} |")
         print(f"auto's check batch: {choice.summary()}", file=sys.stderr)
 

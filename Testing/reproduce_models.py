@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     for name in names:
         if str(PREVIOUS_STARTER_FILE) in RECIPES[name]["args"]:
             previous_starter()
-        train_s = _run(train_command(name, args.data, args.out, args.threads, args.device, resume=args.resume))
+        train_s = _run(train_command(name, args.data, args.out, args.threads, args.device,
+                                     resume=args.resume))
         before = read_timings().get(name, {}) if args.resume else {}
         if before:  # a resumed run's time adds to what it took before; its other figures stay
             train_s = round(before.get("train_s", 0.0) + train_s, 1)

@@ -1,6 +1,6 @@
 """The training objective: pytorch-metric-learning's triplet margin, contrastive and
-multi-similarity losses (averaged over their non-zero terms), a miner from :mod:`.mining` and PML's cross-batch memory,
-put together as options by :class:`MetricObjective`.
+multi-similarity losses (averaged over their non-zero terms), a miner from :mod:`.mining` and
+PML's cross-batch memory, put together as options by :class:`MetricObjective`.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ class MetricObjective:
     "all" (for the pair losses "all" uses every pair, other miners the pairs of the mined
     triplets); margin: triplet margin, the contrastive negative margin or the multi-similarity
     base; normalize: L2-normalise embeddings first (required by multi-similarity, whose cosine
-    similarities the saved model must reproduce); xbm_size > 0: PML's cross-batch memory, filled from the start and used
-    from step ``xbm_start`` on; cross_modal: positives must be of another modality (group).
+    similarities the saved model must reproduce); xbm_size > 0: PML's cross-batch memory,
+    filled from the start and used from step ``xbm_start`` on; cross_modal: positives must be
+    of another modality (group).
     """
 
     def __init__(self, loss: str = "triplet", miner: str = "algorithm1", margin: float = 4.0,

@@ -11,8 +11,9 @@
 ``bf16-mixed`` the same for the stem and every ResNet stage but the last, which runs in
                float32 with the pooling and the head (:mod:`.staged_precision`): a trained
                model's distances are most sensitive to rounding there (the starter model's move
-               by 10 % in bf16 and by 0.3 % with its last stage in float32, BENCHMARKS.md), at
-               about a quarter of the network's arithmetic; same CPUs as ``bf16``.
+               by 12.9 % in bf16 and by 0.4 % with its last stage and head in float32,
+               ``Testing/benchmark_bf16_stages.py``), at about a quarter of the network's
+               arithmetic; same CPUs as ``bf16``.
 ``onnx``       ONNX Runtime, float32, from an export cached per model ID.
 ``onnx-int8``  ONNX Runtime with int8 weights (dynamic quantisation). Never picked by ``auto``:
                int8 changes embeddings more than the float backends, so it is only for models

@@ -35,7 +35,8 @@ def _common_model_args(parser: argparse.ArgumentParser, backend: Optional[str] =
                         choices=("auto", "torch", "bf16", "bf16-mixed", "onnx", "onnx-int8"),
                         help=f"inference backend (default {default_text or backend}); auto times torch, bf16 "
                              "and bf16-mixed (CPUs with bf16 units; bf16-mixed keeps the last "
-                             "ResNet stage and the head in float32) and ONNX Runtime on a check batch and keeps "
+                             "ResNet stage and the head in float32) and ONNX Runtime on a check "
+                             "batch and keeps "
                              "the fastest whose embeddings match float32; onnx-int8 only on "
                              "request")
 

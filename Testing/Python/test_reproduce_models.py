@@ -23,7 +23,8 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
         assert cmd[:3] == r.CLI
         args = build_parser().parse_args(cmd[3:])
         assert args.out == str(tmp_path / "out" / name) and args.threads == 1 and not args.resume
-        assert build_parser().parse_args(r.train_command(name, tmp_path, tmp_path, 1, "cpu", resume=True)[3:]).resume
+        resumed = r.train_command(name, tmp_path, tmp_path, 1, "cpu", resume=True)
+        assert build_parser().parse_args(resumed[3:]).resume
         if "init" in r.RECIPES[name]:  # starts from another recipe's best checkpoint
             assert r.RECIPES[name]["init"] in r.RECIPES
             assert args.init_from == str(tmp_path / "out" / r.RECIPES[name]["init"] / "best.pt")
