@@ -1,7 +1,8 @@
 """Inference backends for the fingerprint network, chosen for the hardware at run time.
 
 ``torch``      eager PyTorch, float32 (channels-last on the CPU, which avoids the slow NCHW
-               convolution path that made batch 8 slower per image than batch 1); float16
+               convolution path that made batch 8 slower per image than batch 1, except for a
+               last ResNet stage a few pixels across, which runs faster NCHW); float16
                autocast (AMP) on CUDA.
 ``bf16``       eager PyTorch in bfloat16: a copy of the network with each BatchNorm folded
                into its convolution (``torch.fx`` fusion) and bf16 weights, run under bf16
@@ -136,7 +137,9 @@ def bf16_network(network):
 class TorchRunner:
     """Eager PyTorch; ``autocast`` is None, ``"bf16"`` (CPU: a folded bf16 copy of the
     network, :func:`bf16_network`), ``"bf16-mixed"`` (:mod:`.staged_precision`, which lays
-    out each part for ``input_size``, the model's input size) or ``"fp16"`` (CUDA AMP)."""
+    out each part for ``input_size``, the model's input size) or ``"fp16"`` (CUDA AMP). In
+    float32 on the CPU with ``input_size`` given, a ResNet whose last stage is a few pixels
+    across runs that stage NCHW (``staged_precision.float32_staged_network``)."""
 
     def __init__(self, network, device, spatial_dims: int, autocast: Optional[str] = None,
                  channels_last: bool = True, input_size=None):
@@ -147,6 +150,12 @@ class TorchRunner:
 
             network = bf16_mixed_network(network, input_size)
             channels_last = False  # each part keeps the layout it chose
+        elif autocast is None and channels_last and str(device).startswith("cpu") and input_size:
+            from .staged_precision import float32_staged_network
+
+            staged = float32_staged_network(network, input_size)
+            if staged is not None:  # a small last stage runs faster NCHW
+                network, channels_last = staged, False
         self.network = network.to(device).eval()
         self.device = device
         self.autocast = autocast
@@ -341,7 +350,8 @@ def make_runner(model, backend: str, device):
     dims = model.spatial_dims
     if backend == "torch":
         autocast = "fp16" if device.type == "cuda" else None
-        return TorchRunner(network, device, dims, autocast=autocast)
+        return TorchRunner(network, device, dims, autocast=autocast,
+                           input_size=tuple(model.preprocessing.size))
     if backend in ("bf16", "bf16-mixed"):
         return TorchRunner(network, device, dims, autocast=backend,
                            input_size=tuple(model.preprocessing.size))

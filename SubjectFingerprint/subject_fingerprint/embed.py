@@ -184,7 +184,8 @@ class Embedder:
             request = self._backend_request
             if request == "torch" and not (self.amp and self.device.type == "cuda"):
                 runner = TorchRunner(self.model.network, self.device, self.model.spatial_dims,
-                                     channels_last=self._channels_last)
+                                     channels_last=self._channels_last,
+                                     input_size=tuple(self.model.preprocessing.size))
                 self._choice = Choice(runner, "torch")
             else:
                 # Measured on a batch shaped like the real passes: at 64 px ONNX wins at 2

@@ -310,3 +310,18 @@ def test_bf16_mixed_lays_out_a_small_last_stage_nchw(model, one_torch_thread):
     x = backends.check_batch(model, 2)
     with torch.inference_mode():
         assert torch.allclose(small(x), large(x), atol=1e-5)  # the layout changes no number
+
+
+def test_torch_backend_runs_a_small_last_stage_nchw_with_the_same_numbers(model, one_torch_thread):
+    from subject_fingerprint.staged_precision import StagedPrecision
+
+    cpu = torch.device("cpu")
+    runner = backends.make_runner(model, "torch", cpu)           # 32 x 32 input: 2 x 2 last stage
+    assert isinstance(runner.network, StagedPrecision) and runner.network.low_dtype == torch.float32
+    plain = backends.TorchRunner(model.network, cpu, 2)          # no input size: channels-last
+    assert not isinstance(plain.network, StagedPrecision)
+    x = backends.check_batch(model, 4)
+    assert torch.allclose(runner(x), _reference(model, x), atol=1e-5)
+    big = FingerprintModel.create(2, depth=10, embedding_dim=16,
+                                  preprocessing=Preprocessing(spatial_dims=2, size=(1024, 1024)))
+    assert not isinstance(backends.make_runner(big, "torch", cpu).network, StagedPrecision)
