@@ -1,6 +1,7 @@
 """Testing/reproduce_models.py: every recipe builds a valid train / evaluate command line over
 committed split files (nothing is trained here)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,12 +49,18 @@ def test_unknown_recipe_and_missing_data_are_clear_errors(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_a_recipe_starting_from_another_trains_that_one_first_only_when_missing(tmp_path, monkeypatch):
-    r = _module()
-    data, out = tmp_path / "data", tmp_path / "out"
+def _empty_data(r, tmp_path):
+    """A --data folder with an empty manifest per source: enough for main() when _run is faked."""
+    data = tmp_path / "data"
     for folder in r.FOLDERS.values():
         (data / folder).mkdir(parents=True)
         (data / folder / "manifest.csv").write_text("subject_id,image_path\n")
+    return data
+
+
+def test_a_recipe_starting_from_another_trains_that_one_first_only_when_missing(tmp_path, monkeypatch):
+    r = _module()
+    data, out = _empty_data(r, tmp_path), tmp_path / "out"
     ran = []
     monkeypatch.setattr(r, "_run", lambda cmd: ran.append(cmd[cmd.index("--out") + 1]) or 0.0)
     assert r.main(["--recipes", "joint64-sslft", "--data", str(data), "--out", str(out)]) == 0
@@ -66,13 +73,8 @@ def test_a_recipe_starting_from_another_trains_that_one_first_only_when_missing(
 
 
 def test_resume_continues_runs_and_adds_to_their_recorded_time(tmp_path, monkeypatch):
-    import json
-
     r = _module()
-    data, out = tmp_path / "data", tmp_path / "out"
-    for folder in r.FOLDERS.values():
-        (data / folder).mkdir(parents=True)
-        (data / folder / "manifest.csv").write_text("subject_id,image_path\n")
+    data, out = _empty_data(r, tmp_path), tmp_path / "out"
     out.mkdir()
     (out / "timings.json").write_text(json.dumps({"ker64": {"train_s": 100.0, "evaluate_s": 7.0}}))
     ran = []
@@ -84,13 +86,8 @@ def test_resume_continues_runs_and_adds_to_their_recorded_time(tmp_path, monkeyp
 
 
 def test_timings_recorded_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch):
-    import json
-
     r = _module()
-    data, out = tmp_path / "data", tmp_path / "out"
-    for folder in r.FOLDERS.values():
-        (data / folder).mkdir(parents=True)
-        (data / folder / "manifest.csv").write_text("subject_id,image_path\n")
+    data, out = _empty_data(r, tmp_path), tmp_path / "out"
 
     def other_run_finishes_meanwhile(cmd):
         (out / "timings.json").write_text(json.dumps({"ker64-ssl": {"train_s": 5.0}}))
