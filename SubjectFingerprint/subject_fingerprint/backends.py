@@ -150,7 +150,7 @@ class TorchRunner:
 
             network = bf16_mixed_network(network, input_size)
             channels_last = False  # each part keeps the layout it chose
-        elif autocast is None and channels_last and str(device).startswith("cpu") and input_size:
+        elif autocast is None and channels_last and device.type == "cpu" and input_size:
             from .staged_precision import float32_staged_network
 
             staged = float32_staged_network(network, input_size)
@@ -347,14 +347,12 @@ def make_runner(model, backend: str, device):
     if reason:
         raise ValueError(reason)
     network = model.network
-    dims = model.spatial_dims
+    dims, size = model.spatial_dims, tuple(model.preprocessing.size)
     if backend == "torch":
         autocast = "fp16" if device.type == "cuda" else None
-        return TorchRunner(network, device, dims, autocast=autocast,
-                           input_size=tuple(model.preprocessing.size))
+        return TorchRunner(network, device, dims, autocast=autocast, input_size=size)
     if backend in ("bf16", "bf16-mixed"):
-        return TorchRunner(network, device, dims, autocast=backend,
-                           input_size=tuple(model.preprocessing.size))
+        return TorchRunner(network, device, dims, autocast=backend, input_size=size)
     precision = "int8" if backend == "onnx-int8" else "fp32"
     return OnnxRunner(export_onnx(model, precision), name=backend)
 

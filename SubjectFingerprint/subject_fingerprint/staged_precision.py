@@ -3,8 +3,8 @@ is not.
 
 A trained fingerprint network's distances are most sensitive to rounding in its last ResNet
 stage and head: there the features of different subjects differ by a few per cent of their
-size, and bfloat16's 8-bit mantissa moves the starter model's distances by 10 %. The stem and
-the first stages, most of the arithmetic, tolerate it (0.4 % with the last stage in float32;
+size, and bfloat16's 8-bit mantissa moves the starter model's distances by 12.9 %. The stem
+and the first stages, most of the arithmetic, tolerate it (0.4 % with the last stage in float32;
 ``Testing/benchmark_bf16_stages.py``). Imported by :mod:`.backends` only when that backend is
 built.
 
@@ -41,14 +41,22 @@ def _split_resnet(network):
 SMALL_STAGE_INPUT = 512
 
 
-def _last_stage_input(resnet, size) -> int:
-    """Pixels (voxels) per channel entering ``resnet``'s last stage for inputs of ``size``,
-    from a forward pass on the meta device (shapes only, no arithmetic)."""
+def _front(resnet) -> list:
+    """The stem and every stage but the last, in the order ``ResNet.forward`` runs them."""
     stem = [resnet.conv1, resnet.bn1, resnet.act] + ([] if resnet.no_max_pool else [resnet.maxpool])
-    front = copy.deepcopy(nn.Sequential(*stem, resnet.layer1, resnet.layer2, resnet.layer3)).to("meta")
+    return [*stem, resnet.layer1, resnet.layer2, resnet.layer3]
+
+
+def _small_last_stage(resnet, size) -> bool:
+    """Whether the input of ``resnet``'s last stage, for inputs of ``size`` (None: unknown),
+    has at most SMALL_STAGE_INPUT pixels (voxels) per channel; from a forward pass on the meta
+    device (shapes only, no arithmetic)."""
+    if size is None:
+        return False
+    front = copy.deepcopy(nn.Sequential(*_front(resnet))).to("meta")
     with torch.no_grad():
         h = front(torch.empty((1, int(resnet.conv1.in_channels), *size), device="meta"))
-    return int(np.prod(h.shape[2:]))
+    return int(np.prod(h.shape[2:])) <= SMALL_STAGE_INPUT
 
 
 def bf16_mixed_network(network, size=None):
@@ -59,7 +67,8 @@ def bf16_mixed_network(network, size=None):
     time to compute what ``network`` computes (in float32), so a ResNet whose forward differs
     from the stage sequence is refused rather than run wrongly."""
     try:
-        return _staged(network, size).to_low_precision()
+        _, resnet = _split_resnet(network)
+        return _staged(network, _small_last_stage(resnet, size)).to_low_precision()
     except ValueError as exc:
         raise ValueError(f"bf16-mixed: {exc}; use --backend bf16 or torch") from None
 
@@ -70,19 +79,19 @@ def float32_staged_network(network, size):
     run faster NCHW (the starter's whole network: about 1.5x); None when the plain
     channels-last network is as good, or ``network`` is not a ResNet run as its stages."""
     try:
-        staged = _staged(network, size)
+        _, resnet = _split_resnet(network)
+        # Decided before anything is built: for a large last stage nothing is.
+        return _staged(network, nchw_last_stage=True) if _small_last_stage(resnet, size) else None
     except ValueError:
         return None
-    return staged if staged.high_format == torch.contiguous_format else None
 
 
-def _staged(network, size) -> "StagedPrecision":
+def _staged(network, nchw_last_stage: bool) -> "StagedPrecision":
     """The float32 :class:`StagedPrecision` of a copy of ``network``, checked to compute what
     ``network`` computes."""
     net = copy.deepcopy(network).float().eval()
     pre, resnet = _split_resnet(net)
-    small = size is not None and _last_stage_input(resnet, size) <= SMALL_STAGE_INPUT
-    staged = StagedPrecision(resnet, pre, nchw_last_stage=small)  # fuse() copies: net stays as it was
+    staged = StagedPrecision(resnet, pre, nchw_last_stage)  # fuse() copies: net stays as it was
     shape = (1, int(resnet.conv1.in_channels)) + (32,) * (resnet.conv1.weight.dim() - 2)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -101,12 +110,10 @@ class StagedPrecision(nn.Module):
 
     def __init__(self, resnet, pre=None, nchw_last_stage: bool = False):
         super().__init__()
-        stages = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
-        stem = [resnet.conv1, resnet.bn1, resnet.act] + ([] if resnet.no_max_pool else [resnet.maxpool])
         self.pre = pre
         self.low_dtype = torch.float32
-        self.low = fuse(nn.Sequential(*stem, *stages[:-1]))
-        self.high = fuse(nn.Sequential(stages[-1], resnet.avgpool, nn.Flatten(1),
+        self.low = fuse(nn.Sequential(*_front(resnet)))
+        self.high = fuse(nn.Sequential(resnet.layer4, resnet.avgpool, nn.Flatten(1),
                                        resnet.fc if resnet.fc is not None else nn.Identity()))
         dims = resnet.conv1.weight.dim() - 2
         self.low_format = torch.channels_last if dims == 2 else torch.channels_last_3d
