@@ -193,7 +193,6 @@ def main(argv=None) -> int:
     def read_timings():
         return json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
-    timings = read_timings()
     for name in list(names):  # a recipe's "init" recipe is trained first where it is missing
         init = RECIPES[name].get("init")
         if init and init not in names and not (args.out / init / "best.pt").is_file():
@@ -212,15 +211,14 @@ def main(argv=None) -> int:
         if args.evaluate:
             entry["evaluate_s"] = _run(eval_command(name, args.data, args.out, args.device))
         # Read again before writing: another run of this script may have recorded its own meanwhile.
-        timings = {**read_timings(), name: entry}
-        timings_path.write_text(json.dumps(timings, indent=1) + "\n")
+        timings_path.write_text(json.dumps({**read_timings(), name: entry}, indent=1) + "\n")
         if args.ship and name in SHIPPED:
             target = ROOT / "Resources" / "Models" / SHIPPED[name]
             ship(args.out / name / "best.pt", target)
             if RECIPES[name]["dims"] == 2:  # calibrate the float16 weights that ship
                 _run(eval_command(name, args.data, args.out, args.device, model=target,
                                   write_calibration=True))
-    print(json.dumps(timings, indent=1))
+    print(json.dumps(read_timings(), indent=1))
     return 0
 
 
