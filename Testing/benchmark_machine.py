@@ -31,7 +31,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr14-subset-64px"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED / "cxr14-subset-64px"
+VOLUMES = SHARED / "lgg-mri-80"
 
 
 def best(fn, repeat):
@@ -65,6 +67,22 @@ def bandwidth_gbs(x, repeat):
     return x.nbytes / best(lambda: x.sum(), repeat) / 1e9
 
 
+def real_inputs(model, n):
+    """The first ``n`` images of a shared folder (NIH X-rays for 2D, LGG MRI for 3D) at the
+    model's input size, as ``index`` would feed them; None without the shared data."""
+    import torch
+
+    from subject_fingerprint.embed import _RecordDataset
+    from subject_fingerprint.io import discover
+
+    folder = DATA if model.spatial_dims == 2 else VOLUMES
+    if not (folder / "manifest.csv").is_file():
+        return None
+    found = discover([str(folder / "images")], manifest=str(folder / "manifest.csv"))
+    ds = _RecordDataset(found.records[:n], model.preprocessing, model.spatial_dims, model.modalities, None)
+    return torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
+
+
 def section_inference(repeat, shapes):
     import torch
 
@@ -90,11 +108,14 @@ def section_inference(repeat, shapes):
                 runners[name] = backends.make_runner(model, name, cpu)
             except ValueError as exc:
                 print(f"({name}: {exc})", file=sys.stderr)
-        choice = backends.choose(model, "auto", cpu)
-        embedder = Embedder(model, device="cpu", backend="torch", progress=False)
-        embedder._choice = choice  # the decision just measured, not a second check
+        # auto decides as in a real run: on the first images it is given (real ones when the
+        # shared data is there), timed on one pass and checked on CHECK_BATCH of them.
+        real = real_inputs(model, 8)
+        embedder = Embedder(model, device="cpu", backend="auto", progress=False)
+        choice = embedder._decide(first=real)
+        print(f"inputs: {'real images' if real is not None else 'seeded noise'}", file=sys.stderr)
         for batch in ((1, 8) if dims == 2 else (1,)):
-            x = backends.check_batch(model, batch)
+            x = real[:batch] if real is not None else backends.check_batch(model, batch)
             ref = old(x).numpy()
             t_old = best(lambda: old(x), repeat) / batch
             times, cos = {}, {}

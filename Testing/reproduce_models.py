@@ -105,6 +105,10 @@ RECIPES = {
                                                      "--miner", "all", "--bf16"]), "init": "ker64-ssl-xl"},
     "nih64-ssl-xl": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
                                         "--bf16"]),
+    # 2026-12-03 evening: joint64-sslft fine-tuned at 128 px (Kermany's own resolution; NIH
+    # images are upsampled from 64 px), a lower rate since it starts from a trained model.
+    "joint128-sslft": {**_2d(["NIH", "KER"], 1200, ["--warmup", "20", "--lr", "1.5e-4", "--val-every", "200",
+                                                   "--bf16"], size=128), "init": "joint64-sslft"},
 }
 SHIPPED = {"joint64-ft-2400": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script

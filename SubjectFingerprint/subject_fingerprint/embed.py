@@ -177,8 +177,10 @@ class Embedder:
     def _decide(self, first=None):
         """Decide the backend (once); ``auto`` measures on ``first``, the first real batch to
         embed, when there is one: distances between real images are what must survive a
-        lower precision (noise inputs of an untrained network sit closer together)."""
-        from .backends import Choice, TorchRunner, check_batch, choose
+        lower precision (noise inputs of an untrained network sit closer together). The
+        candidates are timed on one pass and checked on at least ``CHECK_BATCH`` images (a
+        pass of one large image has no distance to check)."""
+        from .backends import CHECK_BATCH, Choice, TorchRunner, check_batch, choose
 
         if self._choice is None:
             request = self._backend_request
@@ -191,9 +193,11 @@ class Embedder:
                 # Measured on a batch shaped like the real passes: at 64 px ONNX wins at 2
                 # images and bf16 at 64, by 2x either way.
                 batch = min(self.batch_size, _pass_images(self.device, self.model.preprocessing.size))
-                real = first is not None and len(first) >= min(batch, 8)
-                check = first[:batch].float() if real else check_batch(self.model, batch)
-                self._choice = choose(self.model, request, self.device, check=check)
+                checked = max(batch, CHECK_BATCH)
+                real = first is not None and len(first) >= CHECK_BATCH
+                check = first[:checked].float() if real else check_batch(self.model, checked)
+                self._choice = choose(self.model, request, self.device, check=check,
+                                      timing=check[:batch])
         return self._choice
 
     @property

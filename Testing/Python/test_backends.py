@@ -150,9 +150,9 @@ def test_auto_in_the_embedder_measures_on_the_first_real_batch(model, cache, mon
     seen = []
     real_choose = backends.choose
 
-    def spy(m, backend, device, check=None, remember=True):
-        seen.append(check)
-        return real_choose(m, backend, device, check=check, remember=False)
+    def spy(m, backend, device, check=None, remember=True, timing=None):
+        seen.append((check, timing))
+        return real_choose(m, backend, device, check=check, remember=False, timing=timing)
 
     import subject_fingerprint.embed as embed_module
     monkeypatch.setattr(embed_module, "choose", spy, raising=False)
@@ -160,9 +160,23 @@ def test_auto_in_the_embedder_measures_on_the_first_real_batch(model, cache, mon
     embedder = Embedder(model, device="cpu", backend="auto", progress=False, batch_size=16)
     x = torch.rand(12, 1, 32, 32)
     embedder.embed_tensor(x)
-    assert len(seen) == 1 and torch.equal(seen[0], x)
+    assert len(seen) == 1 and torch.equal(seen[0][0], x) and torch.equal(seen[0][1], x)
     embedder.embed_tensor(x)
     assert len(seen) == 1  # decided once
+
+    # A pass of one image (a large input) is what is timed, but the distances are still
+    # checked between CHECK_BATCH real images, not on one image's (none).
+    seen.clear()
+    monkeypatch.setattr(embed_module, "_CPU_VOXELS_PER_PASS", 32 * 32)
+    Embedder(model, device="cpu", backend="auto", progress=False, batch_size=16).embed_tensor(x)
+    check, timing = seen[0]
+    assert torch.equal(check, x[:backends.CHECK_BATCH]) and torch.equal(timing, x[:1])
+
+    # Fewer real images than that: the seeded check batch, never one image alone.
+    seen.clear()
+    Embedder(model, device="cpu", backend="auto", progress=False, batch_size=16).embed_tensor(x[:1])
+    check, timing = seen[0]
+    assert torch.equal(check, backends.check_batch(model, backends.CHECK_BATCH)) and len(timing) == 1
 
 
 def test_bf16_offered_only_with_the_cpu_flag(monkeypatch):
@@ -209,11 +223,11 @@ def test_default_batch_is_one_cpu_pass_and_auto_checks_on_it(model, cache, monke
     assert default_batch_size(big) == 16                          # one image per pass, 16 stored together
     seen = []
     real = backends.choose
-    monkeypatch.setattr(backends, "choose", lambda m, b, d, check=None: (seen.append(check.shape),
-                                                                        real(m, b, d, check))[1])
+    monkeypatch.setattr(backends, "choose", lambda m, b, d, check=None, timing=None: (
+        seen.append((check.shape, timing.shape)), real(m, b, d, check, timing=timing))[1])
     embedder = Embedder(model, device="cpu", progress=False, batch_size=40, backend="auto")
     embedder.embed_tensor(backends.check_batch(model, 3))
-    assert seen == [(40, 1, 32, 32)]  # the real pass size, not 2 images
+    assert seen == [((40, 1, 32, 32),) * 2]  # the real pass size, not 3 images
 
 
 def test_queries_embed_as_the_library_was_embedded(model, cache, tmp_path, one_torch_thread):
