@@ -109,6 +109,10 @@ RECIPES = {
     # images are upsampled from 64 px), a lower rate since it starts from a trained model.
     "joint128-sslft": {**_2d(["NIH", "KER"], 1200, ["--warmup", "20", "--lr", "1.5e-4", "--val-every", "200",
                                                    "--bf16"], size=128), "init": "joint64-sslft"},
+    # nih64-ssl-xl with a lost aspect ratio added to the augmentation (Kermany's copies were
+    # squashed to a square): does an NIH-only model then carry better to them?
+    "nih64-ssl-xl-aspect": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
+                                               "--augment-aspect", "0.4", "--bf16"]),
 }
 SHIPPED = {"joint64-ft-2400": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script

@@ -33,6 +33,7 @@ class AugmentConfig:
     erase: float = 0.0            # probability of one erased / burned-in rectangle
     bias_field: float = 0.0       # strength of a smooth multiplicative field exp(b * f)
     resolution: float = 1.0       # 3D: largest down-up factor along one random axis (thick slices)
+    aspect: float = 0.0           # log-range of an area-keeping stretch of one axis against the rest
     extra_prob: float = 0.5       # probability of each domain-shift option, per image
 
     def to_dict(self) -> dict:
@@ -40,7 +41,7 @@ class AugmentConfig:
 
     def has_extras(self) -> bool:
         return bool(self.gamma or self.blur_sharpen or self.noise or self.jpeg or self.erase
-                    or self.bias_field or self.down_up > 1 or self.resolution > 1)
+                    or self.bias_field or self.down_up > 1 or self.resolution > 1 or self.aspect)
 
 
 def _uniform(n, bound, generator, device):

@@ -2,8 +2,9 @@
 
 2D: intensity curves (gamma), blur and sharpening, noise, JPEG artefacts (8x8 block-DCT
 quantisation, as a heavily compressed copy has), down-and-up sampling, random erasing
-(burned-in text, markers). 3D: smooth intensity non-uniformity (bias field) and thick-slice
-resolution loss; rigid misalignment is the affine step of ``augment`` with wider ranges.
+(burned-in text, markers), a lost aspect ratio (copies squashed to a square, as the Kermany
+images were). 3D: smooth intensity non-uniformity (bias field) and thick-slice resolution loss;
+rigid misalignment is the affine step of ``augment`` with wider ranges.
 
 Each option is applied to each image with probability ``extra_prob``; every random number comes
 from the caller's CPU ``torch.Generator``, so a step's augmentation is reproducible (exact
@@ -50,6 +51,8 @@ def preset(name: str, dims: int = 2, **overrides) -> AugmentConfig:
     if name not in PRESETS or PRESETS[name] is None:
         raise ValueError(f"unknown augmentation preset {name!r}; use paper, domain, "
                          f"domain-2d or domain-3d")
+    if (overrides.get("aspect") or 0) < 0:
+        raise ValueError(f"the aspect range is a log-ratio of at least 0, not {overrides['aspect']}")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -184,4 +187,25 @@ def domain_shift(x: torch.Tensor, gen, cfg: AugmentConfig) -> torch.Tensor:
         fill = torch.where(white, out.amax(red).view((b,) + (1,) * dims), out.mean(red).view((b,) + (1,) * dims))
         mask = (mask & pick.view((b,) + (1,) * dims)).unsqueeze(1)
         out = torch.where(mask, fill.unsqueeze(1).to(dt), out)
+    if cfg.aspect:
+        out = torch.where(chosen(), _stretch(out, gen, cfg.aspect), out)
     return out
+
+
+def _stretch(x: torch.Tensor, gen, log_range: float) -> torch.Tensor:
+    """Stretch one random axis of each image against the others by a ratio exp(U(-r, r)),
+    keeping the area (volume): what squashing a copy to a square does to its anatomy. Drawn
+    last, so that presets without it keep their random numbers."""
+    b, dims = x.shape[0], x.dim() - 2
+    ratio = _u(b, -log_range, log_range, gen)
+    axis = torch.randint(0, dims, (b,), generator=gen)
+    picked = F.one_hot(axis, dims).bool()
+    # Log-zoom r (d-1)/d along the chosen axis and -r/d along each other one: ratio exp(r),
+    # the log-zooms sum to 0 (area or volume kept).
+    zoom = torch.where(picked, ratio[:, None] * (dims - 1) / dims, -ratio[:, None] / dims)
+    # affine_grid maps output to input coordinates, in (x, y[, z]) order: the inverse zoom,
+    # axes reversed from the tensor's (..., H, W) order.
+    theta = torch.zeros(b, dims, dims + 1)
+    theta[:, range(dims), range(dims)] = torch.exp(-zoom).flip(1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

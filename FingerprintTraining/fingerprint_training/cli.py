@@ -96,6 +96,9 @@ def _add_train(sub) -> None:
                    help="paper: the paper's small affine + brightness/contrast; domain (default): "
                         "wider affine, gamma, blur/sharpen, noise, JPEG, down-up sampling, erasing "
                         "(2D) or misalignment, bias field, thick slices (3D)")
+    p.add_argument("--augment-aspect", type=float, default=0.0, metavar="R",
+                   help="also stretch one axis against the others by a ratio up to exp(R) "
+                        "(copies squashed to a square lose their aspect ratio); 0 = off")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this model's weights")
     p.add_argument("--val-moved", action="store_true",
                    help="3D: validate on volumes each moved by a seeded random rigid transform "
@@ -145,7 +148,8 @@ def config_from_args(args):
         loss=args.loss, miner=args.miner, margin=args.margin, xbm=args.xbm, xbm_start=args.xbm_start,
         normalize=args.normalize, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         grad_clip=args.grad_clip, augment=not args.no_augment,
-        augment_preset=getattr(args, "augment_preset", "paper"), init_from=getattr(args, "init_from", None),
+        augment_preset=getattr(args, "augment_preset", "paper"),
+        augment_aspect=getattr(args, "augment_aspect", 0.0), init_from=getattr(args, "init_from", None),
         val_moved=getattr(args, "val_moved", False),
         pretrain_steps=args.pretrain_steps, verification_head=args.verification_head,
         canonical_pose=args.canonical_pose,

@@ -66,3 +66,29 @@ def test_each_option_changes_the_image():
     assert ratio.std() > 0.01                         # a multiplicative, varying field
     thick = domain_shift(v, g(), _only(resolution=3.0))
     assert thick.shape == v.shape and torch.isfinite(thick).all()
+
+
+def test_aspect_stretches_one_axis_and_keeps_the_area():
+    """A centred square becomes a rectangle with the drawn ratio; off (0) draws nothing, so the
+    presets without it keep their random numbers."""
+    from fingerprint_training.augment_more import _stretch
+
+    x = torch.zeros(8, 1, 64, 64)
+    x[:, :, 24:40, 24:40] = 1.0
+    out = _stretch(x, torch.Generator().manual_seed(3), 0.5)
+    for img in out[:, 0] > 0.5:
+        rows, cols = img.any(1).sum().item(), img.any(0).sum().item()
+        assert max(rows, cols) / min(rows, cols) <= 1.75           # exp(0.5) = 1.65, plus a pixel
+        assert abs(rows * cols - 256) / 256 < 0.25                  # area of the 16 x 16 square
+    ratios = [max(r, c) / min(r, c) for r, c in ((i.any(1).sum().item(), i.any(0).sum().item())
+                                                 for i in out[:, 0] > 0.5)]
+    assert max(ratios) > 1.2                                        # it does stretch
+    v = torch.zeros(2, 1, 16, 16, 16)
+    assert _stretch(v, torch.Generator().manual_seed(0), 0.3).shape == v.shape
+    cfg = preset("domain", 2)
+    assert cfg.aspect == 0 and preset("domain", 2, aspect=0.4).aspect == 0.4
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    with_off = augment_batch(x, g1, cfg)
+    assert torch.equal(with_off, augment_batch(x, g2, preset("domain", 2, aspect=None)))
+    with pytest.raises(ValueError, match="aspect"):
+        preset("domain", 2, aspect=-1)

@@ -232,3 +232,15 @@ def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
     assert _same(_weights(trainer), {k: v for k, v in start.network.state_dict().items()})
     with pytest.raises(ValueError, match="differs from the run's"):
         load_initial_weights(FingerprintModel.create(2, depth=10, embedding_dim=8), path)
+
+
+def test_augment_aspect_reaches_the_augmentation_from_the_command_line():
+    from fingerprint_training.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "SRC", "--out", "unused", "--augment-aspect", "0.4"])
+    cfg = config_from_args(args)
+    assert cfg.augment_aspect == 0.4
+    train, val = _data()
+    trainer = Trainer(TrainConfig(out="unused", steps=1, write_outputs=False,
+                                  augment_preset="domain", augment_aspect=0.4, **TINY), train, val)
+    assert trainer.aug_config.aspect == 0.4 and trainer.aug_config.gamma > 0  # the preset, plus it
