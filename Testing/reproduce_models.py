@@ -5,6 +5,7 @@ data in one command, timing every step:
     python Testing/reproduce_models.py --recipes all        # every recipe of the table
     python Testing/reproduce_models.py --recipes ker64 --out runs/repro --threads 2
     python Testing/reproduce_models.py --resume --ship      # continue stopped runs, then ship
+    python Testing/reproduce_models.py --table runs/reproduce/*/   # BENCHMARKS.md's recipe table
 
 Each recipe is one ``subject-fingerprint train`` command (printed before it runs) into
 ``OUT/NAME``; ``--evaluate`` then runs the cross-domain table (2D) or the moved-query
@@ -182,10 +183,12 @@ def main(argv=None) -> int:
                    help="continue each recipe's run from its last.pt (a finished run stays as it is, so "
                         "--resume --ship ships finished runs without training them again)")
     p.add_argument("--ship", action="store_true", help="write the shipped models into Resources/Models")
-    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="only print BENCHMARKS.md rows of these runs")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR",
+                   help="only print BENCHMARKS.md's table of these runs (wall times from OUT/timings.json)")
     args = p.parse_args(argv)
     if args.table:
-        print(table(args.table))
+        timings_file = args.out / "timings.json"
+        print(table(args.table, json.loads(timings_file.read_text()) if timings_file.is_file() else {}))
         return 0
     names = list(RECIPES) if args.recipes == ["all"] else args.recipes
     unknown = [n for n in names if n not in RECIPES]
@@ -230,31 +233,44 @@ def main(argv=None) -> int:
     return 0
 
 
-def table(run_dirs) -> str:
-    """Markdown rows (one per recipe run folder with eval/) for BENCHMARKS.md, values in %."""
+def table(run_dirs, timings: dict = None) -> str:
+    """BENCHMARKS.md's table of recipes: one row per run folder (a recipe's ``OUT/NAME``, with
+    the ``eval/`` that ``--evaluate`` wrote), every test split of its evaluation next to pixel
+    correlation, values in %. ``timings`` (``OUT/timings.json``) gives the wall times."""
     sys.path[:0] = [str(ROOT / "SubjectFingerprint"), str(ROOT / "FingerprintTraining")]
     from subject_fingerprint.checkpoint import load_checkpoint
-    lines = []
+
+    timings = timings or {}
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| recipe | trained on | steps to best / steps | train s | validation | test split | "
+             "20-way 1-shot (pixel) | P@1 (pixel) | mAP@R (pixel) | FPR at 1 % target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for d in map(Path, run_dirs):
         model = load_checkpoint(d / "best.pt")
         t = model.metadata.get("training", {})
         val = (model.metadata.get("metrics") or {}).get("validation") or {}
-        head = (f"| {d.name} | {t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')} | "
-                f"{t.get('seconds', 0):.0f} s to best | {100 * val.get('mean_recall_at_k', float('nan')):.1f} |")
+        recipe = RECIPES.get(d.name, {})
+        trained = "+".join(recipe.get("sources", [])) or "?"
+        if recipe.get("init"):
+            trained += f", from {recipe['init']}"
+        head = (f"| {d.name} | {trained} | {t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')} | "
+                f"{timings.get(d.name, {}).get('train_s', float('nan')):.0f} | "
+                f"{pct(val.get('mean_recall_at_k', float('nan')))} |")
         cross, moved = d / "eval" / "cross_domain.json", d / "eval" / "moved.json"
-        cells = []
         if cross.is_file():
             for row in json.loads(cross.read_text())["rows"]:
                 s, r = row["settings"][0], row["retrieval"]
-                cells.append(f"{row['source']}{'' if row['trained_on_source'] else ' (unseen)'}: "
-                             f"{100 * s['model']:.1f} vs {100 * s['pixel_correlation']:.1f}, "
-                             f"P@1 {100 * r['model']['precision_at_1']:.1f}")
+                c = row.get("calibration") or {}
+                lines.append(f"{head} {row['source']}{'' if row['trained_on_source'] else ' (unseen)'} | "
+                             f"{pct(s['model'])} ({pct(s['pixel_correlation'])}) | "
+                             f"{pct(r['model']['precision_at_1'])} ({pct(r['pixel_correlation']['precision_at_1'])}) | "
+                             f"{pct(r['model']['map_at_r'])} ({pct(r['pixel_correlation']['map_at_r'])}) | "
+                             f"{pct(c['fpr']) if 'fpr' in c else '-'} |")
         if moved.is_file():
-            m = json.loads(moved.read_text())
-            for s in m["settings"]:
-                cells.append(f"moved {s['n_way']}-way {s['k_shot']}-shot: {100 * s['model']['mean_recall_at_k']:.1f} "
-                             f"vs {100 * s['pixel_correlation']['mean_recall_at_k']:.1f}")
-        lines.append(head + " " + "; ".join(cells) + " |")
+            for s in json.loads(moved.read_text())["settings"]:
+                lines.append(f"{head} LGG moved, {s['n_way']}-way {s['k_shot']}-shot | "
+                             f"{pct(s['model']['mean_recall_at_k'])} "
+                             f"({pct(s['pixel_correlation']['mean_recall_at_k'])}) | - | - | - |")
     return "\n".join(lines)
 
 

@@ -95,3 +95,31 @@ def test_timings_recorded_meanwhile_by_another_run_are_kept(tmp_path, monkeypatc
     monkeypatch.setattr(r, "_run", other_run_finishes_meanwhile)
     assert r.main(["--recipes", "ker64", "--data", str(data), "--out", str(out)]) == 0
     assert set(json.loads((out / "timings.json").read_text())) == {"ker64", "ker64-ssl"}
+
+
+def test_table_has_a_row_per_test_split_with_pixel_correlation_beside(tmp_path):
+    from subject_fingerprint.checkpoint import FingerprintModel, save_checkpoint
+    from subject_fingerprint.preprocess import Preprocessing
+
+    r = _module()
+    run = tmp_path / "nih64-ssl-xl"
+    (run / "eval").mkdir(parents=True)
+    model = FingerprintModel.create(2, depth=10, embedding_dim=8,
+                                    preprocessing=Preprocessing(spatial_dims=2, size=(16, 16)))
+    model.metadata.update(training={"best_step": 200, "hyperparameters": {"steps": 300}},
+                          metrics={"validation": {"mean_recall_at_k": 0.5}})
+    save_checkpoint(model, run / "best.pt")
+
+    def row(source, seen, m, px):
+        return {"source": source, "trained_on_source": seen,
+                "settings": [{"n_way": 20, "k_shot": 1, "model": m, "pixel_correlation": px}],
+                "retrieval": {"model": {"precision_at_1": m, "map_at_r": m / 2},
+                              "pixel_correlation": {"precision_at_1": px, "map_at_r": px / 2}},
+                "calibration": {"fpr": 0.012}}
+
+    (run / "eval" / "cross_domain.json").write_text(json.dumps(
+        {"rows": [row("NIH", True, 0.55, 0.184), row("KER", False, 0.3, 0.196)]}))
+    lines = r.table([run], {"nih64-ssl-xl": {"train_s": 2234.4}}).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 11
+    assert "| nih64-ssl-xl | NIH | 200 / 300 | 2234 | 50.0 | NIH | 55.0 (18.4) | 55.0 (18.4) | 27.5 (9.2) | 1.2 |" == lines[2]
+    assert "| KER (unseen) | 30.0 (19.6) |" in lines[3]
