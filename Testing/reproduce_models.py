@@ -246,6 +246,9 @@ def table(run_dirs, timings: dict = None) -> str:
              "20-way 1-shot (pixel) | P@1 (pixel) | mAP@R (pixel) | FPR at 1 % target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for d in map(Path, run_dirs):
+        if not (d / "best.pt").is_file():
+            print(f"({d}: no best.pt, left out)", file=sys.stderr)
+            continue
         model = load_checkpoint(d / "best.pt")
         t = model.metadata.get("training", {})
         val = (model.metadata.get("metrics") or {}).get("validation") or {}
