@@ -3,8 +3,8 @@
 Subcommands of the engine: ``index``, ``query``, ``library`` and ``dedup``. The training package
 depends on the engine, never the other way round: its command line
 (``fingerprint_training.cli.main``, which the installed ``subject-fingerprint`` runs) is this one
-plus ``split``, ``train`` and ``evaluate``, passed in as ``extra_commands``. Exit codes: 0
-success, 1 something was found or some items failed, 2 an error stopped the command.
+plus ``split``, ``train``, ``evaluate`` and ``derive``, passed in as ``extra_commands``. Exit
+codes: 0 success, 1 something was found or some items failed, 2 an error stopped the command.
 """
 
 from __future__ import annotations

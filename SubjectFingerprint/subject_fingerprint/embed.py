@@ -34,6 +34,21 @@ def _pass_images(device, size) -> int:
     return _cpu_pass_images(size) if device.type == "cpu" else _MAX_BATCH
 
 
+def shifted(x, offsets):
+    """``x`` (B, C, *spatial) moved by whole pixels ``offsets`` per spatial axis, the edge
+    pixels replicated into what comes in (Preprocessing.test_shift)."""
+    import torch.nn.functional as F
+
+    pad, crop = [], []
+    for axis, k in enumerate(offsets):
+        n = x.shape[2 + axis]
+        crop.append(slice(0, n) if k >= 0 else slice(-k, n - k))
+        pad.append((k, 0) if k >= 0 else (0, -k))
+    # F.pad lists the last axis first.
+    padded = F.pad(x, [p for pair in reversed(pad) for p in pair], mode="replicate")
+    return padded[(slice(None), slice(None), *crop)].contiguous()
+
+
 def default_batch_size(model) -> int:
     """Images decoded and stored together: one CPU pass of 2^18 voxels (64 images of 64 x 64
     px, where the bf16 and ONNX kernels need a batch that size to run at speed), at least 16
@@ -222,6 +237,14 @@ class Embedder:
 
         self.embedded_count += int(x.shape[0])
         self._decide(first=x)
+        views = self.model.preprocessing.view_shifts()
+        if len(views) == 1:
+            return self._embed_view(x)
+        return torch.stack([self._embed_view(shifted(x, v)) for v in views]).mean(0)
+
+    def _embed_view(self, x):
+        import torch
+
         step = self.pass_size(x)
         if step >= x.shape[0]:
             return self.runner(x)

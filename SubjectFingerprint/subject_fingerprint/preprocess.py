@@ -39,6 +39,13 @@ class Preprocessing:
     interpolation can smear it over its neighbours, and padding never shifts the
     percentiles. Every step is linear in the intensities or a percentile, so an affine
     change ``a * x + b`` (``a > 0``) of the input gives the same output.
+
+    ``test_shift`` (0 = off) is applied by the embedder, not here: an image's embedding is
+    then the mean of the network's embeddings of the input and of its copies shifted by
+    ``test_shift`` of the field along each axis both ways (5 views in 2D, 7 in 3D; edges
+    replicated), which averages out some of the positioning that differs between a
+    subject's images. It is part of the model, and so of its ID: a library never mixes
+    embeddings made with and without it.
     """
 
     spatial_dims: int = 2
@@ -46,6 +53,7 @@ class Preprocessing:
     spacing: tuple | None = None
     clip_percentiles: tuple = (0.5, 99.5)
     resize: str = "pad"
+    test_shift: float = 0.0
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):
@@ -68,6 +76,21 @@ class Preprocessing:
         object.__setattr__(self, "clip_percentiles", (lo, hi))
         if self.resize not in ("pad", "stretch"):
             raise ValueError(f"resize must be 'pad' or 'stretch', not {self.resize!r}")
+        shift = float(self.test_shift)
+        if not 0.0 <= shift < 0.5:
+            raise ValueError(f"test_shift {self.test_shift!r} must be a fraction of the field in [0, 0.5)")
+        object.__setattr__(self, "test_shift", shift)
+
+    def view_shifts(self) -> list:
+        """Pixel offsets per axis of the views whose embeddings are averaged (the input alone
+        without ``test_shift``)."""
+        views = [(0,) * self.spatial_dims]
+        for axis, n in enumerate(self.size):
+            k = int(round(self.test_shift * n))
+            if k:
+                for sign in (1, -1):
+                    views.append(tuple(sign * k if a == axis else 0 for a in range(self.spatial_dims)))
+        return views
 
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -77,6 +100,8 @@ class Preprocessing:
             "spacing": list(self.spacing) if self.spacing is not None else None,
             "clip_percentiles": list(self.clip_percentiles),
             "resize": self.resize,
+            # Only when set: the IDs of models without it stay as they were.
+            **({"test_shift": self.test_shift} if self.test_shift else {}),
         }
 
     @classmethod
@@ -88,6 +113,7 @@ class Preprocessing:
             spacing=tuple(spacing) if spacing is not None else None,
             clip_percentiles=tuple(d.get("clip_percentiles", (0.5, 99.5))),
             resize=d.get("resize", "pad"),
+            test_shift=float(d.get("test_shift", 0.0)),
         )
 
     @classmethod

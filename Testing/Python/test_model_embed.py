@@ -134,3 +134,32 @@ def test_progress_bar_counts_images(model2d, capsys):
     assert len(result) == 2 and len(result.failures) == 1
     err = capsys.readouterr().err
     assert "3/3" in err and "img/s" in err
+
+
+def test_test_shift_averages_the_shifted_views_and_is_part_of_the_model_id(model2d, tmp_path):
+    from subject_fingerprint.embed import shifted
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert shifted(x, (1, 0))[0, 0, 0].tolist() == [0, 1, 2, 3]          # edge row repeated
+    assert shifted(x, (1, 0))[0, 0, 1].tolist() == [0, 1, 2, 3]
+    assert shifted(x, (0, -1))[0, 0, :, -1].tolist() == [3, 7, 11, 15]
+
+    views = Preprocessing(2, (32, 32), test_shift=0.0625)
+    assert views.view_shifts() == [(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)]
+    assert Preprocessing(3, (8, 8, 8), test_shift=0.25).view_shifts()[1:] == [
+        (2, 0, 0), (-2, 0, 0), (0, 2, 0), (0, -2, 0), (0, 0, 2), (0, 0, -2)]
+    assert "test_shift" not in Preprocessing(2, (32, 32)).to_dict()     # old IDs unchanged
+    assert Preprocessing.from_dict(views.to_dict()) == views
+    with pytest.raises(ValueError, match="test_shift"):
+        Preprocessing(2, (32, 32), test_shift=0.5)
+
+    tta = FingerprintModel(model2d.network, views, dict(model2d.metadata))
+    assert tta.model_id != model2d.model_id
+    batch = torch.rand(3, 1, 32, 32)
+    plain = Embedder(model2d, device="cpu", backend="torch", progress=False)
+    want = torch.stack([plain.embed_tensor(shifted(batch, v)) for v in views.view_shifts()]).mean(0)
+    got = Embedder(tta, device="cpu", backend="torch", progress=False).embed_tensor(batch)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, plain.embed_tensor(batch))
+    save_checkpoint(tta, tmp_path / "tta.pt")
+    again = load_checkpoint(tmp_path / "tta.pt")
+    assert again.preprocessing.test_shift == 0.0625 and again.model_id == tta.model_id

@@ -23,6 +23,12 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
         cmd = r.train_command(name, tmp_path / "data", tmp_path / "out", 1, "cpu")
         assert cmd[:3] == r.CLI
         args = build_parser().parse_args(cmd[3:])
+        if "derive" in r.RECIPES[name]:  # another recipe's model with test-time views
+            assert args.model == str(tmp_path / "out" / r.RECIPES[name]["derive"] / "best.pt")
+            assert args.out == str(tmp_path / "out" / name / "best.pt") and args.test_shift > 0
+            ev = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu")[3:])
+            assert ev.write_calibration and ev.out == str(tmp_path / "out" / name / "eval")
+            continue
         assert args.out == str(tmp_path / "out" / name) and args.threads == 1 and not args.resume
         resumed = r.train_command(name, tmp_path, tmp_path, 1, "cpu", resume=True)
         assert build_parser().parse_args(resumed[3:]).resume
