@@ -151,7 +151,6 @@ def main():
         tmp = Path(tmp)
         if args.split == "none":
             # Every multi-image subject split across the two exports, as build() does.
-            subjects = None
             images = read_manifest(Path(args.data))
             multi = [s for s, v in images.items() if len(v) >= 2]
             per_site = (len(images) + len(multi)) // 2

@@ -4,7 +4,6 @@ Volumes are read from NRRD, NIfTI, PNG and DICOM files by Slicer's own volume ar
 storage node into real vtkMRMLScalarVolumeNodes; results go into a real vtkMRMLTableNode.
 """
 
-import os
 import time
 from pathlib import Path
 
@@ -228,8 +227,6 @@ def test_clear_errors_for_missing_library_empty_library_and_other_model(sf, tiny
 
 
 def test_background_build_library_and_cancel_leaves_library_unchanged(sf, tiny, tmp_path):
-    import shutil
-
     from subject_fingerprint.library import EmbeddingLibrary
 
     logic = sf.SubjectFingerprintLogic()
