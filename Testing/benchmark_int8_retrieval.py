@@ -45,6 +45,17 @@ def subsets(model):
     yield "Kermany (2+ images)", preload(chosen, model.preprocessing, progress=False)
 
 
+def embed(model, runner, x):
+    """``runner``'s embeddings of ``x`` as the Embedder makes them: the mean over the model's
+    test-time views (the input alone for most models)."""
+    import torch
+
+    from subject_fingerprint.embed import shifted
+
+    x = torch.as_tensor(x)
+    return torch.stack([runner(shifted(x, v)) for v in model.preprocessing.view_shifts()]).mean(0).numpy()
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -71,7 +82,7 @@ def main(argv=None) -> int:
         labels = np.array(ds.subject_ids())
         figures, embedded = {}, {}
         for name, runner in runners.items():
-            emb = np.concatenate([runner(ds.images[i:i + 64]).numpy()
+            emb = np.concatenate([embed(model, runner, ds.images[i:i + 64])
                                   for i in range(0, len(ds.images), 64)])
             embedded[name] = emb
             figures[name] = M.retrieval_metrics(emb.astype(np.float64), labels)

@@ -159,12 +159,15 @@ def section_index(repeat):
     batch = default_batch_size(model)
     images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
     model_alone = {}
+    from subject_fingerprint.embed import shifted
+
+    views = model.preprocessing.view_shifts()  # every view is a pass of the network
     for name in ("torch", "bf16", "bf16-mixed", "onnx"):
         try:
             runner = backends.make_runner(model, name, torch.device("cpu"))
         except ValueError:
             continue
-        model_alone[name] = best(lambda: [runner(images[i:i + batch])
+        model_alone[name] = best(lambda: [runner(shifted(images[i:i + batch], v)) for v in views
                                           for i in range(0, len(images), batch)], repeat)
     folder = Path(tempfile.mkdtemp(prefix="sf-bench-index-"))
     rows = []
@@ -194,7 +197,8 @@ def section_index(repeat):
             rows.append((label, workers, min(times), report, time.perf_counter() - t, again))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print(f"\n### `index` of {len(records)} NIH PNGs, starter model, model already loaded ({load()})\n")
+    print(f"\n### `index` of {len(records)} NIH PNGs, starter model ({len(views)} network pass(es) per "
+          f"image), model already loaded ({load()})\n")
     print("| backend | decoding workers | index s | decode + preprocess alone s (1 process) | "
           "network alone s (that backend, batches of the index) | index / decode | "
           "index / max(decode, network) | backend used | re-index s | re-index embedded |")
