@@ -12,7 +12,8 @@ Each recipe is one ``subject-fingerprint train`` command (printed before it runs
 evaluation (3D) on the committed test splits into ``OUT/NAME/eval``; ``--ship`` writes the
 shipped recipes' best checkpoints as float16 into ``Resources/Models`` (calibration from
 validation subjects: as trained for 3D; refitted on the float16 weights for 2D, pairs within
-each source). ``--resume`` continues each run from its ``last.pt`` (a finished run is left as
+each source). A recipe with ``"derive"`` is another recipe's model with test-time views
+(``derive --test-shift``), calibrated anew on its sources' validation subjects. ``--resume`` continues each run from its ``last.pt`` (a finished run is left as
 it is). Wall times go to ``OUT/timings.json``. On a machine with
 CUDA the same commands train with mixed precision (``--device auto``); without it they run on
 the CPU. Needs ``../shared/data`` (or ``--data``).
@@ -117,6 +118,9 @@ RECIPES = {
     "starter-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint64-ft-2400", "test_shift": 0.06},
     "joint64-sslft-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint64-sslft",
                             "test_shift": 0.06},
+    # ... and the single-source models, each on the source it never saw.
+    "nih64-ssl-xl-views": {"dims": 2, "sources": ["NIH"], "derive": "nih64-ssl-xl", "test_shift": 0.06},
+    "ker64-ssl-xl-views": {"dims": 2, "sources": ["KER"], "derive": "ker64-ssl-xl", "test_shift": 0.06},
     "nih64-ssl-xl-aspect": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
                                                "--augment-aspect", "0.4", "--bf16"]),
 }
@@ -143,23 +147,32 @@ def train_command(name, data: Path, out: Path, threads: int, device: str, resume
              *(["--resume"] if resume else [])])
 
 
-def eval_command(name, data: Path, out: Path, device: str, model: Path = None, write_calibration=False):
-    """The evaluation of recipe ``name`` (its best.pt, or ``model``); ``write_calibration``
-    (2D) first refits the model's calibration on both sources' validation subjects, in place
-    (always for a derived model, which has none of its own)."""
+def eval_command(name, data: Path, out: Path, device: str):
+    """The evaluation of recipe ``name``'s best.pt on the test splits: the moved-query one (3D)
+    or the cross-domain table on both X-ray sources (2D)."""
     r = RECIPES[name]
-    shipped = write_calibration and model is not None
-    write_calibration = write_calibration or "derive" in r
-    model = model or out / name / "best.pt"
+    model = out / name / "best.pt"
     if r["dims"] == 3:
         return [*CLI, "evaluate", str(data / LGG), "--model", str(model),
                 "--split", str(SPLITS / f"{LGG}-seed42.json"), "--out", str(out / name / "eval"),
                 "--moved-queries", "--ways", "10", "5", "--shots", "1", "--device", device, "--quiet"]
     return [*CLI, "evaluate", f"NIH={data / NIH}", f"KER={data / KER}", "--split",
             f"NIH={SPLITS / f'{NIH}-seed42.json'}", f"KER={SPLITS / f'{KER}-seed42.json'}",
-            "--model", f"{name}={model}", "--out", str(out / name / ("eval-shipped" if shipped else "eval")),
-            "--ways", "20", "--shots", "1", "--device", device, "--quiet",
-            *(["--write-calibration"] if write_calibration else [])]
+            "--model", f"{name}={model}", "--out", str(out / name / "eval"),
+            "--ways", "20", "--shots", "1", "--device", device, "--quiet"]
+
+
+def calibrate_command(name, data: Path, out: Path, device: str, model: Path = None):
+    """(2D) Refit the calibration of recipe ``name``'s best.pt (or ``model``) in place, on the
+    validation subjects of the recipe's own sources only (a model trained without Kermany is
+    calibrated without it too), pairs within each source."""
+    r = RECIPES[name]
+    sources = [f"{s}={data / FOLDERS[s]}" for s in r["sources"]]
+    splits = [f"{s}={SPLITS / f'{FOLDERS[s]}-seed42.json'}" for s in r["sources"]]
+    target = out / name / ("calibration-shipped" if model else "calibration")
+    return [*CLI, "evaluate", *sources, "--split", *splits,
+            "--model", f"{name}={model or out / name / 'best.pt'}", "--out", str(target),
+            "--ways", "20", "--shots", "1", "--device", device, "--quiet", "--write-calibration"]
 
 
 def previous_starter() -> Path:
@@ -226,6 +239,8 @@ def main(argv=None) -> int:
             previous_starter()
         train_s = _run(train_command(name, args.data, args.out, args.threads, args.device,
                                      resume=args.resume))
+        if "derive" in RECIPES[name]:  # its embeddings are new: so is its calibration
+            train_s = round(train_s + _run(calibrate_command(name, args.data, args.out, args.device)), 1)
         before = read_timings().get(name, {}) if args.resume else {}
         if before:  # a resumed run's time adds to what it took before; its other figures stay
             train_s = round(before.get("train_s", 0.0) + train_s, 1)
@@ -240,8 +255,7 @@ def main(argv=None) -> int:
             target = ROOT / "Resources" / "Models" / SHIPPED[name]
             ship(args.out / name / "best.pt", target)
             if RECIPES[name]["dims"] == 2:  # calibrate the float16 weights that ship
-                _run(eval_command(name, args.data, args.out, args.device, model=target,
-                                  write_calibration=True))
+                _run(calibrate_command(name, args.data, args.out, args.device, model=target))
     print(json.dumps(read_timings(), indent=1))
     return 0
 

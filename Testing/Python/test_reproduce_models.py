@@ -26,8 +26,13 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
         if "derive" in r.RECIPES[name]:  # another recipe's model with test-time views
             assert args.model == str(tmp_path / "out" / r.RECIPES[name]["derive"] / "best.pt")
             assert args.out == str(tmp_path / "out" / name / "best.pt") and args.test_shift > 0
+            cal = build_parser().parse_args(r.calibrate_command(name, tmp_path / "data", tmp_path / "out",
+                                                                "cpu")[3:])
+            assert cal.write_calibration and cal.model == [f"{name}={args.out}"]
+            # Calibrated on its own sources only: a model that never saw Kermany, without it.
+            assert [s.partition("=")[0] for s in cal.source] == r.RECIPES[name]["sources"]
             ev = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu")[3:])
-            assert ev.write_calibration and ev.out == str(tmp_path / "out" / name / "eval")
+            assert not ev.write_calibration and ev.out == str(tmp_path / "out" / name / "eval")
             continue
         assert args.out == str(tmp_path / "out" / name) and args.threads == 1 and not args.resume
         resumed = r.train_command(name, tmp_path, tmp_path, 1, "cpu", resume=True)
@@ -41,8 +46,8 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
         assert ev.model[0].endswith(f"{name}/best.pt")
         assert ev.moved_queries == (r.RECIPES[name]["dims"] == 3)
         if r.RECIPES[name]["dims"] == 2:  # the shipped float16 file is calibrated in place
-            cal = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu",
-                                                           model=tmp_path / "m.pt", write_calibration=True)[3:])
+            cal = build_parser().parse_args(r.calibrate_command(name, tmp_path / "data", tmp_path / "out", "cpu",
+                                                                model=tmp_path / "m.pt")[3:])
             assert cal.write_calibration and cal.model == [f"{name}={tmp_path / 'm.pt'}"]
 
 
