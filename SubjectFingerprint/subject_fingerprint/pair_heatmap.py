@@ -3,7 +3,9 @@
 The fingerprint network has no classes; the quantity explained is the similarity of the two
 images, ``-||f(x) - f(y)||``, with the other image's embedding held fixed. MONAI's
 ``GradCAM`` then weights the last convolutional stage's activations by the gradient of that
-similarity, so warm regions are those whose features pull the two embeddings together.
+similarity, so warm regions are those whose features pull the two embeddings together. For a
+model with test-time views (``Preprocessing.test_shift``) it explains the unshifted view, the
+one whose pixels the thumbnails show.
 """
 
 from __future__ import annotations
