@@ -118,6 +118,8 @@ RECIPES = {
     "starter-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint64-ft-2400", "test_shift": 0.06},
     "joint64-sslft-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint64-sslft",
                             "test_shift": 0.06},
+    "joint128-sslft-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint128-sslft",
+                             "test_shift": 0.06},
     # ... and the single-source models, each on the source it never saw.
     "nih64-ssl-xl-views": {"dims": 2, "sources": ["NIH"], "derive": "nih64-ssl-xl", "test_shift": 0.06},
     "ker64-ssl-xl-views": {"dims": 2, "sources": ["KER"], "derive": "ker64-ssl-xl", "test_shift": 0.06},
@@ -145,6 +147,23 @@ def train_command(name, data: Path, out: Path, threads: int, device: str, resume
     return ([*CLI, "train", *sources, "--split", *splits, "--out", str(out / name),
              *r["args"], *init, "--threads", str(threads), "--device", device, "--quiet",
              *(["--resume"] if resume else [])])
+
+
+def with_prerequisites(names, out: Path):
+    """``names`` in order, each preceded by the recipes it starts from ("init", "derive"),
+    and theirs, where their ``OUT/NAME/best.pt`` is missing."""
+    ordered = []
+
+    def add(name):
+        start = RECIPES[name].get("init") or RECIPES[name].get("derive")
+        if start and start not in ordered and not (out / start / "best.pt").is_file():
+            add(start)
+        if name not in ordered:
+            ordered.append(name)
+
+    for name in names:
+        add(name)
+    return ordered
 
 
 def eval_command(name, data: Path, out: Path, device: str):
@@ -230,10 +249,7 @@ def main(argv=None) -> int:
     def read_timings():
         return json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
-    for name in list(names):  # the recipe a recipe starts from is made first where it is missing
-        init = RECIPES[name].get("init") or RECIPES[name].get("derive")
-        if init and init not in names and not (args.out / init / "best.pt").is_file():
-            names.insert(names.index(name), init)
+    names = with_prerequisites(names, args.out)
     for name in names:
         if str(PREVIOUS_STARTER_FILE) in RECIPES[name].get("args", []):
             previous_starter()

@@ -134,3 +134,13 @@ def test_table_has_a_row_per_test_split_with_pixel_correlation_beside(tmp_path):
     assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 11
     assert "| nih64-ssl-xl | NIH | 200 / 300 | 2234 | 50.0 | NIH | 55.0 (18.4) | 55.0 (18.4) | 27.5 (9.2) | 1.2 |" == lines[2]
     assert "| KER (unseen) | 30.0 (19.6) |" in lines[3]
+
+
+def test_a_recipe_is_preceded_by_the_chain_it_starts_from_where_missing(tmp_path):
+    r = _module()
+    chain = r.with_prerequisites(["joint128-sslft"], tmp_path)
+    assert chain == ["ker64-ssl-xl", "joint64-sslft", "joint128-sslft"]
+    (tmp_path / "joint64-sslft").mkdir()
+    (tmp_path / "joint64-sslft" / "best.pt").write_bytes(b"")
+    assert r.with_prerequisites(["joint128-sslft-views", "joint128-sslft"], tmp_path) == [
+        "joint128-sslft", "joint128-sslft-views"]
