@@ -126,7 +126,7 @@ RECIPES = {
     "nih64-ssl-xl-aspect": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
                                                "--augment-aspect", "0.4", "--bf16"]),
 }
-SHIPPED = {"starter-views": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
+SHIPPED = {"joint128-sslft": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
 FOLDERS = {"NIH": NIH, "KER": KER, "LGG": LGG}
 
