@@ -285,9 +285,9 @@ def table(run_dirs, timings: dict = None) -> str:
 
     timings = timings or {}
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    lines = ["| recipe | trained on | steps to best / steps | train s | validation | test split | "
+    lines = ["| recipe | trained on | input | steps to best / steps | train s | validation | test split | "
              "20-way 1-shot (pixel) | P@1 (pixel) | mAP@R (pixel) | FPR at 1 % target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in map(Path, run_dirs):
         if not (d / "best.pt").is_file():
             print(f"({d}: no best.pt, left out)", file=sys.stderr)
@@ -301,7 +301,8 @@ def table(run_dirs, timings: dict = None) -> str:
             trained += f", from {recipe['init']}"
         if recipe.get("derive"):
             trained = f"{recipe['derive']}'s weights, views shifted {100 * recipe['test_shift']:g} %"
-        head = (f"| {d.name} | {trained} | {t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')} | "
+        size = "x".join(map(str, model.preprocessing.size))
+        head = (f"| {d.name} | {trained} | {size} | {t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')} | "
                 f"{timings.get(d.name, {}).get('train_s', float('nan')):.0f} | "
                 f"{pct(val['mean_recall_at_k']) if 'mean_recall_at_k' in val else '-'} |")
         cross, moved = d / "eval" / "cross_domain.json", d / "eval" / "moved.json"

@@ -131,8 +131,8 @@ def test_table_has_a_row_per_test_split_with_pixel_correlation_beside(tmp_path):
     (run / "eval" / "cross_domain.json").write_text(json.dumps(
         {"rows": [row("NIH", True, 0.55, 0.184), row("KER", False, 0.3, 0.196)]}))
     lines = r.table([run], {"nih64-ssl-xl": {"train_s": 2234.4}}).splitlines()
-    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 11
-    assert "| nih64-ssl-xl | NIH | 200 / 300 | 2234 | 50.0 | NIH | 55.0 (18.4) | 55.0 (18.4) | 27.5 (9.2) | 1.2 |" == lines[2]
+    assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
+    assert "| nih64-ssl-xl | NIH | 16x16 | 200 / 300 | 2234 | 50.0 | NIH | 55.0 (18.4) | 55.0 (18.4) | 27.5 (9.2) | 1.2 |" == lines[2]
     assert "| KER (unseen) | 30.0 (19.6) |" in lines[3]
 
 
