@@ -1,7 +1,7 @@
 """Rebuild the shipped starter models (and the other recipes of BENCHMARKS.md) from the shared
 data in one command, timing every step:
 
-    python Testing/reproduce_models.py                      # the shipped 2D and 3D models
+    python Testing/reproduce_models.py --ship               # the shipped 2D and 3D models
     python Testing/reproduce_models.py --recipes all        # every recipe of the table
     python Testing/reproduce_models.py --recipes ker64 --out runs/repro --threads 2
     python Testing/reproduce_models.py --resume --ship      # continue stopped runs, then ship
@@ -13,10 +13,12 @@ evaluation (3D) on the committed test splits into ``OUT/NAME/eval``; ``--ship`` 
 shipped recipes' best checkpoints as float16 into ``Resources/Models`` (calibration from
 validation subjects: as trained for 3D; refitted on the float16 weights for 2D, pairs within
 each source). A recipe with ``"derive"`` is another recipe's model with test-time views
-(``derive --test-shift``), calibrated anew on its sources' validation subjects. ``--resume`` continues each run from its ``last.pt`` (a finished run is left as
-it is). Wall times go to ``OUT/timings.json``. On a machine with
-CUDA the same commands train with mixed precision (``--device auto``); without it they run on
-the CPU. Needs ``../shared/data`` (or ``--data``).
+(``derive --test-shift``), calibrated anew on its sources' validation subjects; a recipe with
+``"init"`` starts from another recipe's best checkpoint; either is made first where missing.
+``--resume`` continues each run from its ``last.pt`` (a finished run is left as it is). Wall
+times go to ``OUT/timings.json``. On a machine with CUDA the same commands train with mixed
+precision (``--device auto``); without it they run on the CPU. Needs ``../shared/data`` (or
+``--data``).
 """
 
 from __future__ import annotations
@@ -302,7 +304,8 @@ def table(run_dirs, timings: dict = None) -> str:
         if recipe.get("derive"):
             trained = f"{recipe['derive']}'s weights, views shifted {100 * recipe['test_shift']:g} %"
         size = "x".join(map(str, model.preprocessing.size))
-        head = (f"| {d.name} | {trained} | {size} | {t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')} | "
+        steps = f"{t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')}"
+        head = (f"| {d.name} | {trained} | {size} | {steps} | "
                 f"{timings.get(d.name, {}).get('train_s', float('nan')):.0f} | "
                 f"{pct(val['mean_recall_at_k']) if 'mean_recall_at_k' in val else '-'} |")
         cross, moved = d / "eval" / "cross_domain.json", d / "eval" / "moved.json"

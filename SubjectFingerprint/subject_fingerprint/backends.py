@@ -401,8 +401,8 @@ def _choice_key(model, device, x, names, timing) -> str:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = ""
-    parts = [model.model_id, list(x.shape), list(timing.shape), str(device), names, torch.__version__, ort_version,
-             _cpu_name(), sorted(cpu_flags()), cpu_cores(), torch.get_num_threads(),
+    parts = [model.model_id, list(x.shape), list(timing.shape), str(device), names, torch.__version__,
+             ort_version, _cpu_name(), sorted(cpu_flags()), cpu_cores(), torch.get_num_threads(),
              os.environ.get("OMP_WAIT_POLICY", ""), [MIN_COSINE, MAX_DISTANCE_ERROR]]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
