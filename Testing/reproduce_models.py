@@ -309,13 +309,18 @@ def table(run_dirs, timings: dict = None) -> str:
                 f"{timings.get(d.name, {}).get('train_s', float('nan')):.0f} | "
                 f"{pct(val['mean_recall_at_k']) if 'mean_recall_at_k' in val else '-'} |")
         cross, moved = d / "eval" / "cross_domain.json", d / "eval" / "moved.json"
-        if cross.is_file():
-            for row in json.loads(cross.read_text())["rows"]:
+        shipped = d / "calibration-shipped" / "cross_domain.json"  # the float16 file --ship wrote
+        as_shipped = head.replace(f"| {d.name} |", f"| {d.name}, as shipped (float16) |", 1)
+        for path, label in ((cross, head), (shipped, as_shipped)):
+            if not path.is_file():
+                continue
+            for row in json.loads(path.read_text())["rows"]:
                 s, r = row["settings"][0], row["retrieval"]
                 c = row.get("calibration") or {}
-                lines.append(f"{head} {row['source']}{'' if row['trained_on_source'] else ' (unseen)'} | "
+                lines.append(f"{label} {row['source']}{'' if row['trained_on_source'] else ' (unseen)'} | "
                              f"{pct(s['model'])} ({pct(s['pixel_correlation'])}) | "
-                             f"{pct(r['model']['precision_at_1'])} ({pct(r['pixel_correlation']['precision_at_1'])}) | "
+                             f"{pct(r['model']['precision_at_1'])} "
+                             f"({pct(r['pixel_correlation']['precision_at_1'])}) | "
                              f"{pct(r['model']['map_at_r'])} ({pct(r['pixel_correlation']['map_at_r'])}) | "
                              f"{pct(c['fpr']) if 'fpr' in c else '-'} |")
         if moved.is_file():

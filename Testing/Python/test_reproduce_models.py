@@ -134,6 +134,12 @@ def test_table_has_a_row_per_test_split_with_pixel_correlation_beside(tmp_path):
     assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
     assert "| nih64-ssl-xl | NIH | 16x16 | 200 / 300 | 2234 | 50.0 | NIH | 55.0 (18.4) | 55.0 (18.4) | 27.5 (9.2) | 1.2 |" == lines[2]
     assert "| KER (unseen) | 30.0 (19.6) |" in lines[3]
+    # The float16 file --ship wrote and evaluated gets rows of its own (what its model card shows).
+    (run / "calibration-shipped").mkdir()
+    (run / "calibration-shipped" / "cross_domain.json").write_text(json.dumps({"rows": [row("NIH", True, 0.56, 0.184)]}))
+    lines = r.table([run]).splitlines()
+    assert len(lines) == 5 and lines[4].startswith("| nih64-ssl-xl, as shipped (float16) | NIH |")
+    assert "| 56.0 (18.4) |" in lines[4]
 
 
 def test_a_recipe_is_preceded_by_the_chain_it_starts_from_where_missing(tmp_path):
