@@ -115,6 +115,9 @@ RECIPES = {
                                                    "--bf16"], size=128), "init": "joint64-sslft"},
     # nih64-ssl-xl with a lost aspect ratio added to the augmentation (Kermany's copies were
     # squashed to a square): does an NIH-only model then carry better to them?
+    # joint128-sslft was still improving at its last step: 1000 more at a lower rate.
+    "joint128-sslft-long": {**_2d(["NIH", "KER"], 1000, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
+                                                        "--bf16"], size=128), "init": "joint128-sslft"},
     # Test-time views (``derive --test-shift``): the same weights, each embedding the mean over
     # the image and four copies shifted by 6 % of the field (chosen on validation subjects).
     "starter-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint64-ft-2400", "test_shift": 0.06},
