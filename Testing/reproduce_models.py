@@ -39,8 +39,10 @@ STARTER = ROOT / "Resources" / "Models" / "starter-2d-cxr.pt"
 NIH, KER, LGG = "cxr14-subset-64px", "kermany-peds-128px", "lgg-mri-80"
 
 
-def _src(name, folder, data):
-    return [f"{name}={data / folder}"], [f"{name}={SPLITS / f'{folder}-seed42.json'}"]
+def _sources(names, data):
+    """The ``NAME=FOLDER`` source arguments and ``NAME=SPLIT`` split arguments of ``names``."""
+    return ([f"{s}={data / FOLDERS[s]}" for s in names],
+            [f"{s}={SPLITS / f'{FOLDERS[s]}-seed42.json'}" for s in names])
 
 
 def _2d(sources, steps, extra=(), size=64):
@@ -143,11 +145,7 @@ def train_command(name, data: Path, out: Path, threads: int, device: str, resume
     if "derive" in r:
         return [*CLI, "derive", str(out / r["derive"] / "best.pt"), "--test-shift", str(r["test_shift"]),
                 "--out", str(out / name / "best.pt")]
-    sources, splits = [], []
-    for s in r["sources"]:
-        a, b = _src(s, FOLDERS[s], data)
-        sources += a
-        splits += b
+    sources, splits = _sources(r["sources"], data)
     init = ["--init-from", str(out / r["init"] / "best.pt")] if "init" in r else []
     return ([*CLI, "train", *sources, "--split", *splits, "--out", str(out / name),
              *r["args"], *init, "--threads", str(threads), "--device", device, "--quiet",
@@ -191,8 +189,7 @@ def calibrate_command(name, data: Path, out: Path, device: str, model: Path = No
     validation subjects of the recipe's own sources only (a model trained without Kermany is
     calibrated without it too), pairs within each source."""
     r = RECIPES[name]
-    sources = [f"{s}={data / FOLDERS[s]}" for s in r["sources"]]
-    splits = [f"{s}={SPLITS / f'{FOLDERS[s]}-seed42.json'}" for s in r["sources"]]
+    sources, splits = _sources(r["sources"], data)
     target = out / name / ("calibration-shipped" if model else "calibration")
     return [*CLI, "evaluate", *sources, "--split", *splits,
             "--model", f"{name}={model or out / name / 'best.pt'}", "--out", str(target),
