@@ -339,3 +339,29 @@ def test_torch_backend_runs_a_small_last_stage_nchw_with_the_same_numbers(model,
     big = FingerprintModel.create(2, depth=10, embedding_dim=16,
                                   preprocessing=Preprocessing(spatial_dims=2, size=(1024, 1024)))
     assert not isinstance(backends.make_runner(big, "torch", cpu).network, StagedPrecision)
+
+
+def test_a_timing_batch_that_is_the_check_batch_costs_no_extra_pass(model, cache, monkeypatch,
+                                                                     one_torch_thread):
+    """Timed on a pass, checked on the check batch: when the pass is the whole check batch (a
+    view of it), each candidate runs warm-up + 2 timed calls (the warm-up alone when it is far
+    behind), not one more for the check."""
+    calls = {}
+    real_make = backends.make_runner
+
+    def counting(m, name, device):
+        runner = real_make(m, name, device)
+
+        def run(x):
+            calls.setdefault(name, []).append(len(x))
+            return runner(x)
+        return run
+
+    monkeypatch.setattr(backends, "make_runner", counting)
+    x = backends.check_batch(model, 8)
+    backends.choose(model, "auto", torch.device("cpu"), check=x, timing=x[:8], remember=False)
+    assert calls and all(len(n) in (1, 3) for n in calls.values()), calls
+    calls.clear()
+    backends.choose(model, "auto", torch.device("cpu"), check=x, timing=x[:2], remember=False)
+    # A smaller pass is timed, and the check batch run once more per candidate.
+    assert calls and all(n.count(8) == 1 and set(n) == {2, 8} for n in calls.values()), calls
