@@ -45,29 +45,20 @@ def subsets(model):
     yield "Kermany (2+ images)", preload(chosen, model.preprocessing, progress=False)
 
 
-def embed(model, runner, x):
-    """``runner``'s embeddings of ``x`` as the Embedder makes them: the mean over the model's
-    test-time views (the input alone for most models)."""
-    import torch
-
-    from subject_fingerprint.embed import shifted
-
-    x = torch.as_tensor(x)
-    return torch.stack([runner(shifted(x, v)) for v in model.preprocessing.view_shifts()]).mean(0).numpy()
-
-
 def main(argv=None) -> int:
     import torch
 
     from fingerprint_training import metrics as M
     from subject_fingerprint import backends
     from subject_fingerprint.checkpoint import default_model_path, load_checkpoint
+    from subject_fingerprint.embed import mean_over_views
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="bf16,bf16-mixed,onnx,onnx-int8")
     parser.add_argument("--model", help="checkpoint (default: the bundled starter model)")
     args = parser.parse_args(argv)
     model = load_checkpoint(args.model or default_model_path())
+    views = model.preprocessing.view_shifts()
     cpu = torch.device("cpu")
     names = ["torch"] + args.backends.split(",")
     runners = {}
@@ -82,8 +73,10 @@ def main(argv=None) -> int:
         labels = np.array(ds.subject_ids())
         figures, embedded = {}, {}
         for name, runner in runners.items():
-            emb = np.concatenate([embed(model, runner, ds.images[i:i + 64])
-                                  for i in range(0, len(ds.images), 64)])
+            # As the Embedder does: the mean over the model's test-time views, if it has any.
+            emb = np.concatenate([
+                mean_over_views(runner, torch.as_tensor(ds.images[i:i + 64]), views).numpy()
+                for i in range(0, len(ds.images), 64)])
             embedded[name] = emb
             figures[name] = M.retrieval_metrics(emb.astype(np.float64), labels)
         keys = [k for k, v in figures["torch"].items() if isinstance(v, float)]

@@ -159,7 +159,7 @@ def section_index(repeat):
     batch = default_batch_size(model)
     images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
     model_alone = {}
-    from subject_fingerprint.embed import shifted
+    from subject_fingerprint.embed import mean_over_views
 
     views = model.preprocessing.view_shifts()  # every view is a pass of the network
     for name in ("torch", "bf16", "bf16-mixed", "onnx"):
@@ -167,7 +167,7 @@ def section_index(repeat):
             runner = backends.make_runner(model, name, torch.device("cpu"))
         except ValueError:
             continue
-        model_alone[name] = best(lambda: [runner(shifted(images[i:i + batch], v)) for v in views
+        model_alone[name] = best(lambda: [mean_over_views(runner, images[i:i + batch], views)
                                           for i in range(0, len(images), batch)], repeat)
     folder = Path(tempfile.mkdtemp(prefix="sf-bench-index-"))
     rows = []

@@ -49,6 +49,16 @@ def shifted(x, offsets):
     return padded[(slice(None), slice(None), *crop)].contiguous()
 
 
+def mean_over_views(run, x, views):
+    """``run(x)`` averaged over the views ``x`` shifted by each of ``views`` (pixel offsets,
+    ``Preprocessing.view_shifts``); just ``run(x)`` for the unshifted view alone."""
+    import torch
+
+    if len(views) == 1 and not any(views[0]):
+        return run(x)
+    return torch.stack([run(shifted(x, v)) for v in views]).mean(0)
+
+
 def default_batch_size(model) -> int:
     """Images decoded and stored together: one CPU pass of 2^18 voxels (64 images of 64 x 64
     px, where the bf16 and ONNX kernels need a batch that size to run at speed), at least 16
@@ -233,16 +243,12 @@ class Embedder:
 
     def embed_tensor(self, x):
         """Embed a ready batch ``(B, 1, *size)``; returns a float32 CPU tensor ``(B, D)``."""
-        import torch
-
         self.embedded_count += int(x.shape[0])
         self._decide(first=x)
-        views = self.model.preprocessing.view_shifts()
-        if len(views) == 1:
-            return self._embed_view(x)
-        return torch.stack([self._embed_view(shifted(x, v)) for v in views]).mean(0)
+        return mean_over_views(self._embed_view, x, self.model.preprocessing.view_shifts())
 
     def _embed_view(self, x):
+        """One view of a batch, in passes of :meth:`pass_size` images."""
         import torch
 
         step = self.pass_size(x)
