@@ -178,8 +178,8 @@ def eval_command(name, data: Path, out: Path, device: str):
         return [*CLI, "evaluate", str(data / LGG), "--model", str(model),
                 "--split", str(SPLITS / f"{LGG}-seed42.json"), "--out", str(out / name / "eval"),
                 "--moved-queries", "--ways", "10", "5", "--shots", "1", "--device", device, "--quiet"]
-    return [*CLI, "evaluate", f"NIH={data / NIH}", f"KER={data / KER}", "--split",
-            f"NIH={SPLITS / f'{NIH}-seed42.json'}", f"KER={SPLITS / f'{KER}-seed42.json'}",
+    sources, splits = _sources(["NIH", "KER"], data)  # every X-ray source, seen or not
+    return [*CLI, "evaluate", *sources, "--split", *splits,
             "--model", f"{name}={model}", "--out", str(out / name / "eval"),
             "--ways", "20", "--shots", "1", "--device", device, "--quiet"]
 
