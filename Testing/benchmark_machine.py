@@ -119,15 +119,13 @@ def section_inference(repeat, shapes):
         # mean of 8 calls, not the best single call (which would flatter it by ~4 %).
         x = real if real is not None else backends.check_batch(model, 8)
         ref = old(x).numpy()
+        cos = {name: backends.min_cosine(ref, runner(x).numpy()) for name, runner in runners.items()}
         for batch in ((1, 8) if dims == 2 else (1,)):
             def per_image(fn):
                 return best(lambda: [fn(x[i:i + batch]) for i in range(0, len(x), batch)], repeat) / len(x)
 
             t_old = per_image(old)
-            times, cos = {}, {}
-            for name, runner in runners.items():
-                times[name] = per_image(runner)
-                cos[name] = backends.min_cosine(ref, runner(x).numpy())
+            times = {name: per_image(runner) for name, runner in runners.items()}
             t_auto = times.get(choice.name, t_old)
             t_emb = per_image(embedder.embed_tensor)
             cell = lambda n: f"{times[n] * 1e3:.0f}" if n in times else "-"  # noqa: E731
@@ -154,13 +152,11 @@ def section_index(repeat):
     import torch
 
     from subject_fingerprint import backends
-    from subject_fingerprint.embed import default_batch_size
+    from subject_fingerprint.embed import default_batch_size, mean_over_views
 
     batch = default_batch_size(model)
     images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
     model_alone = {}
-    from subject_fingerprint.embed import mean_over_views
-
     views = model.preprocessing.view_shifts()  # every view is a pass of the network
     for name in ("torch", "bf16", "bf16-mixed", "onnx"):
         try:
