@@ -51,6 +51,11 @@ def _2d(sources, steps, extra=(), size=64):
             "--val-every", "50", *extra]}
 
 
+def _views(sources, model_of, shift=0.06):
+    """A derived recipe: recipe ``model_of``'s model with test-time views (``derive``)."""
+    return {"dims": 2, "sources": sources, "derive": model_of, "test_shift": shift}
+
+
 # name -> recipe: the recipes measured in BENCHMARKS.md. "joint64-ft" starts from the previous
 # starter model (NIH only, commit PREVIOUS_STARTER), read from git history.
 PREVIOUS_STARTER = "ccc9051"
@@ -122,14 +127,12 @@ RECIPES = {
                                                         "--bf16"], size=128), "init": "joint128-sslft"},
     # Test-time views (``derive --test-shift``): the same weights, each embedding the mean over
     # the image and four copies shifted by 6 % of the field (chosen on validation subjects).
-    "starter-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint64-ft-2400", "test_shift": 0.06},
-    "joint64-sslft-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint64-sslft",
-                            "test_shift": 0.06},
-    "joint128-sslft-views": {"dims": 2, "sources": ["NIH", "KER"], "derive": "joint128-sslft",
-                             "test_shift": 0.06},
+    "starter-views": _views(["NIH", "KER"], "joint64-ft-2400"),
+    "joint64-sslft-views": _views(["NIH", "KER"], "joint64-sslft"),
+    "joint128-sslft-views": _views(["NIH", "KER"], "joint128-sslft"),
     # ... and the single-source models, each on the source it never saw.
-    "nih64-ssl-xl-views": {"dims": 2, "sources": ["NIH"], "derive": "nih64-ssl-xl", "test_shift": 0.06},
-    "ker64-ssl-xl-views": {"dims": 2, "sources": ["KER"], "derive": "ker64-ssl-xl", "test_shift": 0.06},
+    "nih64-ssl-xl-views": _views(["NIH"], "nih64-ssl-xl"),
+    "ker64-ssl-xl-views": _views(["KER"], "ker64-ssl-xl"),
     "nih64-ssl-xl-aspect": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
                                                "--augment-aspect", "0.4", "--bf16"]),
 }
@@ -305,13 +308,12 @@ def table(run_dirs, timings: dict = None) -> str:
             trained = f"{recipe['derive']}'s weights, views shifted {100 * recipe['test_shift']:g} %"
         size = "x".join(map(str, model.preprocessing.size))
         steps = f"{t.get('best_step')} / {t.get('hyperparameters', {}).get('steps')}"
-        head = (f"| {d.name} | {trained} | {size} | {steps} | "
-                f"{timings.get(d.name, {}).get('train_s', float('nan')):.0f} | "
-                f"{pct(val['mean_recall_at_k']) if 'mean_recall_at_k' in val else '-'} |")
+        run = (f"{trained} | {size} | {steps} | {timings.get(d.name, {}).get('train_s', float('nan')):.0f} | "
+               f"{pct(val['mean_recall_at_k']) if 'mean_recall_at_k' in val else '-'} |")
+        head = f"| {d.name} | {run}"
         cross, moved = d / "eval" / "cross_domain.json", d / "eval" / "moved.json"
         shipped = d / "calibration-shipped" / "cross_domain.json"  # the float16 file --ship wrote
-        as_shipped = head.replace(f"| {d.name} |", f"| {d.name}, as shipped (float16) |", 1)
-        for path, label in ((cross, head), (shipped, as_shipped)):
+        for path, label in ((cross, head), (shipped, f"| {d.name}, as shipped (float16) | {run}")):
             if not path.is_file():
                 continue
             for row in json.loads(path.read_text())["rows"]:
