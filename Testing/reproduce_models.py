@@ -24,6 +24,7 @@ precision (``--device auto``); without it they run on the CPU. Needs ``../shared
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import shlex
@@ -120,8 +121,6 @@ RECIPES = {
     # images are upsampled from 64 px), a lower rate since it starts from a trained model.
     "joint128-sslft": {**_2d(["NIH", "KER"], 1200, ["--warmup", "20", "--lr", "1.5e-4", "--val-every", "200",
                                                    "--bf16"], size=128), "init": "joint64-sslft"},
-    # nih64-ssl-xl with a lost aspect ratio added to the augmentation (Kermany's copies were
-    # squashed to a square): does an NIH-only model then carry better to them?
     # joint128-sslft was still improving at its last step: 1000 more at a lower rate.
     "joint128-sslft-long": {**_2d(["NIH", "KER"], 1000, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
                                                         "--bf16"], size=128), "init": "joint128-sslft"},
@@ -133,8 +132,15 @@ RECIPES = {
     # ... and the single-source models, each on the source it never saw.
     "nih64-ssl-xl-views": _views(["NIH"], "nih64-ssl-xl"),
     "ker64-ssl-xl-views": _views(["KER"], "ker64-ssl-xl"),
+    # nih64-ssl-xl with a lost aspect ratio added to the augmentation (Kermany's copies were
+    # squashed to a square): does an NIH-only model then carry better to them?
     "nih64-ssl-xl-aspect": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
                                                "--augment-aspect", "0.4", "--bf16"]),
+    # 2026-12-03, late: what 128 px did for the joint model, for the NIH-only one (validation NIH
+    # only; Kermany stays unseen): does it then carry further to Kermany, seen at its own size?
+    "nih128-aspect": {**_2d(["NIH"], 800, ["--warmup", "20", "--lr", "1.5e-4", "--val-every", "200",
+                                           "--augment-aspect", "0.4", "--bf16"], size=128),
+                      "init": "nih64-ssl-xl-aspect"},
 }
 SHIPPED = {"joint128-sslft": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
@@ -258,13 +264,16 @@ def main(argv=None) -> int:
     for name in names:
         if str(PREVIOUS_STARTER_FILE) in RECIPES[name].get("args", []):
             previous_starter()
+        # A run stopped before it could record its time (a killed session) has only the
+        # trainer's own clock in its log: that is the time a resume adds to.
+        logged_s = _logged_seconds(args.out / name) if args.resume else 0.0
         train_s = _run(train_command(name, args.data, args.out, args.threads, args.device,
                                      resume=args.resume))
         if "derive" in RECIPES[name]:  # its embeddings are new: so is its calibration
             train_s = round(train_s + _run(calibrate_command(name, args.data, args.out, args.device)), 1)
         before = read_timings().get(name, {}) if args.resume else {}
-        if before:  # a resumed run's time adds to what it took before; its other figures stay
-            train_s = round(before.get("train_s", 0.0) + train_s, 1)
+        if args.resume:  # a resumed run's time adds to what it took before; its other figures stay
+            train_s = round(before.get("train_s", logged_s) + train_s, 1)
         entry = {**before, "train_s": train_s,
                  "threads": args.threads, "device": args.device, "machine": platform.processor() or platform.machine(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -279,6 +288,16 @@ def main(argv=None) -> int:
                 _run(calibrate_command(name, args.data, args.out, args.device, model=target))
     print(json.dumps(read_timings(), indent=1))
     return 0
+
+
+def _logged_seconds(run: Path) -> float:
+    """Training seconds the trainer logged for ``run`` so far (its ``log.csv``), 0 if none."""
+    log = run / "log.csv"
+    if not log.is_file():
+        return 0.0
+    with log.open(newline="") as f:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f) if row.get("seconds")]
+    return seconds[-1] if seconds else 0.0
 
 
 def table(run_dirs, timings: dict = None) -> str:

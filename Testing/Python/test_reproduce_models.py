@@ -96,6 +96,16 @@ def test_resume_continues_runs_and_adds_to_their_recorded_time(tmp_path, monkeyp
     assert entry["train_s"] == 102.5 and entry["evaluate_s"] == 7.0
 
 
+def test_resume_of_a_run_killed_before_recording_its_time_adds_to_the_trainers_log(tmp_path, monkeypatch):
+    r = _module()
+    data, out = _empty_data(r, tmp_path), tmp_path / "out"
+    (out / "ker64").mkdir(parents=True)
+    (out / "ker64" / "log.csv").write_text("step,phase,loss,seconds\n1,train,0.5,40.0\n2,train,0.4,81.5\n")
+    monkeypatch.setattr(r, "_run", lambda cmd: 2.5)
+    assert r.main(["--recipes", "ker64", "--data", str(data), "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "timings.json").read_text())["ker64"]["train_s"] == 84.0
+
+
 def test_timings_recorded_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch):
     r = _module()
     data, out = _empty_data(r, tmp_path), tmp_path / "out"
