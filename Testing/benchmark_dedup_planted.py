@@ -128,11 +128,22 @@ def score_report(report: Path, truth) -> dict:
     good = {frozenset(p) for p in truth["shared"]} | set(truth["copies"])
     right = [r for r in rows if frozenset((r["subject_a"], r["subject_b"])) in good]
     shared_found = sum(1 for r in right if r["dataset_a"] != r["dataset_b"])
+    posteriors = [float(r["probability"]) for r in rows]
     return {"reported": len(rows), "false": len(rows) - len(right), "found": shared_found,
-            "planted": len(truth["shared"]),
-            "mean_posterior": float(np.mean([float(r["probability"]) for r in rows])) if rows else None,
+            "planted": len(truth["shared"]), "posteriors": posteriors,
+            "mean_posterior": float(np.mean(posteriors)) if rows else None,
             "precision": len(right) / len(rows) if rows else None,
             "expected_false": summary["expected_false_pairs"], "summary": summary}
+
+
+def calibration_p_value(posteriors, right: int) -> float:
+    """Two-sided p-value of ``right`` correct pairs among pairs reported with these posteriors,
+    were the posteriors exact: the count is then Poisson-binomial; the p-value sums the
+    probabilities of the counts no likelier than the one seen."""
+    pmf = np.ones(1)
+    for p in posteriors:  # add one pair: correct with probability p
+        pmf = np.r_[pmf * (1 - p), 0.0] + np.r_[0.0, pmf * p]
+    return float(min(1.0, pmf[pmf <= pmf[right] * (1 + 1e-9)].sum()))
 
 
 def main():

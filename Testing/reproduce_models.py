@@ -124,6 +124,9 @@ RECIPES = {
     # joint128-sslft was still improving at its last step: 1000 more at a lower rate.
     "joint128-sslft-long": {**_2d(["NIH", "KER"], 1000, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
                                                         "--bf16"], size=128), "init": "joint128-sslft"},
+    # ... which was still improving at its last step (validation 77.9): once more.
+    "joint128-sslft-xl": {**_2d(["NIH", "KER"], 1000, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
+                                                      "--bf16"], size=128), "init": "joint128-sslft-long"},
     # Test-time views (``derive --test-shift``): the same weights, each embedding the mean over
     # the image and four copies shifted by 6 % of the field (chosen on validation subjects).
     "starter-views": _views(["NIH", "KER"], "joint64-ft-2400"),
@@ -142,7 +145,7 @@ RECIPES = {
                                            "--augment-aspect", "0.4", "--bf16"], size=128),
                       "init": "nih64-ssl-xl-aspect"},
 }
-SHIPPED = {"joint128-sslft": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
+SHIPPED = {"joint128-sslft-long": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
 FOLDERS = {"NIH": NIH, "KER": KER, "LGG": LGG}
 
@@ -264,19 +267,23 @@ def main(argv=None) -> int:
     for name in names:
         if str(PREVIOUS_STARTER_FILE) in RECIPES[name].get("args", []):
             previous_starter()
-        # A run stopped before it could record its time (a killed session) has only the
-        # trainer's own clock in its log: that is the time a resume adds to.
-        logged_s = _logged_seconds(args.out / name) if args.resume else 0.0
-        train_s = _run(train_command(name, args.data, args.out, args.threads, args.device,
-                                     resume=args.resume))
-        if "derive" in RECIPES[name]:  # its embeddings are new: so is its calibration
-            train_s = round(train_s + _run(calibrate_command(name, args.data, args.out, args.device)), 1)
         before = read_timings().get(name, {}) if args.resume else {}
-        if args.resume:  # a resumed run's time adds to what it took before; its other figures stay
-            train_s = round(before.get("train_s", logged_s) + train_s, 1)
-        entry = {**before, "train_s": train_s,
-                 "threads": args.threads, "device": args.device, "machine": platform.processor() or platform.machine(),
-                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        if args.resume and _finished(name, args.out):
+            print(f"({name}: finished; not trained again, its recorded time stays)", file=sys.stderr)
+            entry = dict(before)
+        else:
+            # A run stopped before it could record its time (a killed session) has only the
+            # trainer's own clock in its log: that is the time a resume adds to.
+            logged_s = _logged_seconds(args.out / name) if args.resume else 0.0
+            train_s = _run(train_command(name, args.data, args.out, args.threads, args.device,
+                                         resume=args.resume))
+            if "derive" in RECIPES[name]:  # its embeddings are new: so is its calibration
+                train_s += _run(calibrate_command(name, args.data, args.out, args.device))
+            if args.resume:  # a resumed run's time adds to what it took before; its other figures stay
+                train_s += before.get("train_s", logged_s)
+            entry = {**before, "train_s": round(train_s, 1), "threads": args.threads, "device": args.device,
+                     "machine": platform.processor() or platform.machine(),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         if args.evaluate:
             entry["evaluate_s"] = _run(eval_command(name, args.data, args.out, args.device))
         # Read again before writing: another run of this script may have recorded its own meanwhile.
@@ -288,6 +295,20 @@ def main(argv=None) -> int:
                 _run(calibrate_command(name, args.data, args.out, args.device, model=target))
     print(json.dumps(read_timings(), indent=1))
     return 0
+
+
+def _finished(name, out: Path) -> bool:
+    """Whether recipe ``name`` has nothing left to do in ``out``: every step logged (a trained
+    recipe), or its model and calibration written (a derived one)."""
+    run, r = out / name, RECIPES[name]
+    if "derive" in r:
+        return (run / "best.pt").is_file() and (run / "calibration").is_dir()
+    steps = int(r["args"][r["args"].index("--steps") + 1])
+    log = run / "log.csv"
+    if not ((run / "best.pt").is_file() and log.is_file()):
+        return False
+    with log.open(newline="") as f:
+        return any(int(row["step"]) >= steps for row in csv.DictReader(f) if row.get("step"))
 
 
 def _logged_seconds(run: Path) -> float:

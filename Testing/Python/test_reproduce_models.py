@@ -106,6 +106,20 @@ def test_resume_of_a_run_killed_before_recording_its_time_adds_to_the_trainers_l
     assert json.loads((out / "timings.json").read_text())["ker64"]["train_s"] == 84.0
 
 
+def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_time(tmp_path, monkeypatch):
+    r = _module()
+    data, out = _empty_data(r, tmp_path), tmp_path / "out"
+    (out / "ker64").mkdir(parents=True)
+    (out / "ker64" / "best.pt").write_bytes(b"")
+    (out / "ker64" / "log.csv").write_text("step,phase,seconds\n599,train,90.0\n600,train,91.0\n")
+    (out / "timings.json").write_text(json.dumps({"ker64": {"train_s": 95.0}}))
+    ran = []
+    monkeypatch.setattr(r, "_run", lambda cmd: ran.append(cmd) or 2.5)
+    assert r.main(["--recipes", "ker64", "--data", str(data), "--out", str(out), "--resume"]) == 0
+    assert ran == []
+    assert json.loads((out / "timings.json").read_text())["ker64"]["train_s"] == 95.0
+
+
 def test_timings_recorded_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch):
     r = _module()
     data, out = _empty_data(r, tmp_path), tmp_path / "out"
