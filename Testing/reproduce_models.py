@@ -132,6 +132,7 @@ RECIPES = {
     "starter-views": _views(["NIH", "KER"], "joint64-ft-2400"),
     "joint64-sslft-views": _views(["NIH", "KER"], "joint64-sslft"),
     "joint128-sslft-views": _views(["NIH", "KER"], "joint128-sslft"),
+    "joint128-sslft-long-views": _views(["NIH", "KER"], "joint128-sslft-long"),
     # ... and the single-source models, each on the source it never saw.
     "nih64-ssl-xl-views": _views(["NIH"], "nih64-ssl-xl"),
     "ker64-ssl-xl-views": _views(["KER"], "ker64-ssl-xl"),
