@@ -299,6 +299,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _log(run: Path) -> list:
+    """The rows of the trainer's ``log.csv`` in ``run`` ([] when there is none)."""
+    if not (run / "log.csv").is_file():
+        return []
+    with (run / "log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _finished(name, out: Path) -> bool:
     """Whether recipe ``name`` has nothing left to do in ``out``: every step logged (a trained
     recipe), or its model and calibration written (a derived one)."""
@@ -306,20 +314,12 @@ def _finished(name, out: Path) -> bool:
     if "derive" in r:
         return (run / "best.pt").is_file() and (run / "calibration").is_dir()
     steps = int(r["args"][r["args"].index("--steps") + 1])
-    log = run / "log.csv"
-    if not ((run / "best.pt").is_file() and log.is_file()):
-        return False
-    with log.open(newline="") as f:
-        return any(int(row["step"]) >= steps for row in csv.DictReader(f) if row.get("step"))
+    return (run / "best.pt").is_file() and any(int(row["step"]) >= steps for row in _log(run) if row.get("step"))
 
 
 def _logged_seconds(run: Path) -> float:
-    """Training seconds the trainer logged for ``run`` so far (its ``log.csv``), 0 if none."""
-    log = run / "log.csv"
-    if not log.is_file():
-        return 0.0
-    with log.open(newline="") as f:
-        seconds = [float(row["seconds"]) for row in csv.DictReader(f) if row.get("seconds")]
+    """Training seconds the trainer logged for ``run`` so far, 0 if none."""
+    seconds = [float(row["seconds"]) for row in _log(run) if row.get("seconds")]
     return seconds[-1] if seconds else 0.0
 
 
