@@ -146,6 +146,11 @@ RECIPES = {
                                            "--augment-aspect", "0.4", "--bf16"], size=128),
                       "init": "nih64-ssl-xl-aspect"},
     "nih128-aspect-views": _views(["NIH"], "nih128-aspect"),
+    # ... whose validation was still rising at its last step, as joint128-sslft's was.
+    "nih128-aspect-long": {**_2d(["NIH"], 800, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
+                                                "--augment-aspect", "0.4", "--bf16"], size=128),
+                           "init": "nih128-aspect"},
+    "nih128-aspect-long-views": _views(["NIH"], "nih128-aspect-long"),
 }
 SHIPPED = {"joint128-sslft-long": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
 CLI = [sys.executable, "-m", "fingerprint_training"]   # the interpreter running this script
