@@ -52,10 +52,19 @@ def _2d(sources, steps, extra=(), size=64):
             "--val-every", "50", *extra]}
 
 
+def _from(init, sources, steps, lr, extra=(), size=64):
+    """A fine-tune: ``steps`` of metric learning from recipe ``init``'s best checkpoint (made
+    first where missing) at rate ``lr``, with a short warm-up and a validation every 200."""
+    return {**_2d(sources, steps, ["--warmup", "20", "--lr", lr, "--val-every", "200", *extra, "--bf16"],
+                  size=size), "init": init}
+
+
 def _views(sources, model_of, shift=0.06):
     """A derived recipe: recipe ``model_of``'s model with test-time views (``derive``)."""
     return {"dims": 2, "sources": sources, "derive": model_of, "test_shift": shift}
 
+
+ASPECT = ["--augment-aspect", "0.4"]  # the stretch the Kermany copies lost (nih*-aspect recipes)
 
 # name -> recipe: the recipes measured in BENCHMARKS.md. "joint64-ft" starts from the previous
 # starter model (NIH only, commit PREVIOUS_STARTER), read from git history.
@@ -109,24 +118,19 @@ RECIPES = {
     # Afternoon of 2026-12-03: the joint fine-tune started from the self-supervised Kermany model
     # instead of the NIH-only one ("init": a recipe whose best.pt it starts from, trained first
     # when missing); and the NIH-only model pretrained as long as ker64-ssl-xl.
-    "joint64-sslft": {**_2d(["NIH", "KER"], 2400, ["--warmup", "20", "--lr", "3e-4", "--val-every", "200",
-                                                  "--bf16"]), "init": "ker64-ssl-xl"},
+    "joint64-sslft": _from("ker64-ssl-xl", ["NIH", "KER"], 2400, "3e-4"),
     # The same fine-tune with the multi-similarity loss on unit vectors (every pair of the batch).
-    "joint64-sslft-ms": {**_2d(["NIH", "KER"], 2400, ["--warmup", "20", "--lr", "3e-4", "--val-every", "200",
-                                                     "--loss", "multi-similarity", "--normalize",
-                                                     "--miner", "all", "--bf16"]), "init": "ker64-ssl-xl"},
+    "joint64-sslft-ms": _from("ker64-ssl-xl", ["NIH", "KER"], 2400, "3e-4",
+                              ["--loss", "multi-similarity", "--normalize", "--miner", "all"]),
     "nih64-ssl-xl": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
                                         "--bf16"]),
     # 2026-12-03 evening: joint64-sslft fine-tuned at 128 px (Kermany's own resolution; NIH
     # images are upsampled from 64 px), a lower rate since it starts from a trained model.
-    "joint128-sslft": {**_2d(["NIH", "KER"], 1200, ["--warmup", "20", "--lr", "1.5e-4", "--val-every", "200",
-                                                   "--bf16"], size=128), "init": "joint64-sslft"},
+    "joint128-sslft": _from("joint64-sslft", ["NIH", "KER"], 1200, "1.5e-4", size=128),
     # joint128-sslft was still improving at its last step: 1000 more at a lower rate.
-    "joint128-sslft-long": {**_2d(["NIH", "KER"], 1000, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
-                                                        "--bf16"], size=128), "init": "joint128-sslft"},
+    "joint128-sslft-long": _from("joint128-sslft", ["NIH", "KER"], 1000, "1e-4", size=128),
     # ... which was still improving at its last step (validation 77.9): once more.
-    "joint128-sslft-xl": {**_2d(["NIH", "KER"], 1000, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
-                                                      "--bf16"], size=128), "init": "joint128-sslft-long"},
+    "joint128-sslft-xl": _from("joint128-sslft-long", ["NIH", "KER"], 1000, "1e-4", size=128),
     # Test-time views (``derive --test-shift``): the same weights, each embedding the mean over
     # the image and four copies shifted by 6 % of the field (chosen on validation subjects).
     "starter-views": _views(["NIH", "KER"], "joint64-ft-2400"),
@@ -139,22 +143,16 @@ RECIPES = {
     # nih64-ssl-xl with a lost aspect ratio added to the augmentation (Kermany's copies were
     # squashed to a square): does an NIH-only model then carry better to them?
     "nih64-ssl-xl-aspect": _2d(["NIH"], 3400, ["--pretrain-steps", "1100", "--warmup", "30", "--val-every", "200",
-                                               "--augment-aspect", "0.4", "--bf16"]),
+                                               *ASPECT, "--bf16"]),
     # 2026-12-03, late: what 128 px did for the joint model, for the NIH-only one (validation NIH
     # only; Kermany stays unseen): does it then carry further to Kermany, seen at its own size?
-    "nih128-aspect": {**_2d(["NIH"], 800, ["--warmup", "20", "--lr", "1.5e-4", "--val-every", "200",
-                                           "--augment-aspect", "0.4", "--bf16"], size=128),
-                      "init": "nih64-ssl-xl-aspect"},
+    "nih128-aspect": _from("nih64-ssl-xl-aspect", ["NIH"], 800, "1.5e-4", ASPECT, size=128),
     "nih128-aspect-views": _views(["NIH"], "nih128-aspect"),
     # ... whose validation was still rising at its last step, as joint128-sslft's was.
-    "nih128-aspect-long": {**_2d(["NIH"], 800, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
-                                                "--augment-aspect", "0.4", "--bf16"], size=128),
-                           "init": "nih128-aspect"},
+    "nih128-aspect-long": _from("nih128-aspect", ["NIH"], 800, "1e-4", ASPECT, size=128),
     "nih128-aspect-long-views": _views(["NIH"], "nih128-aspect-long"),
     # Its NIH validation rose again (79.5 -> 82.8): once more, as long as it does.
-    "nih128-aspect-xl": {**_2d(["NIH"], 800, ["--warmup", "20", "--lr", "1e-4", "--val-every", "200",
-                                              "--augment-aspect", "0.4", "--bf16"], size=128),
-                         "init": "nih128-aspect-long"},
+    "nih128-aspect-xl": _from("nih128-aspect-long", ["NIH"], 800, "1e-4", ASPECT, size=128),
     "nih128-aspect-xl-views": _views(["NIH"], "nih128-aspect-xl"),
 }
 SHIPPED = {"joint128-sslft-long": "starter-2d-cxr.pt", "lgg3d-canon-r10": "starter-3d-brain-mri.pt"}
