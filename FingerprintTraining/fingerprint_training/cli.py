@@ -90,6 +90,9 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
     p.add_argument("--grad-clip", type=float, default=5.0)
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights with this "
+                        "decay per step (e.g. 0.995; 0 = off)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--augment-preset", default="domain",
                    choices=("paper", "domain", "domain-2d", "domain-3d"),
@@ -147,7 +150,7 @@ def config_from_args(args):
         batch_subjects=args.batch_subjects, images_per_subject=args.images_per_subject,
         loss=args.loss, miner=args.miner, margin=args.margin, xbm=args.xbm, xbm_start=args.xbm_start,
         normalize=args.normalize, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-        grad_clip=args.grad_clip, augment=not args.no_augment,
+        grad_clip=args.grad_clip, ema=args.ema, augment=not args.no_augment,
         augment_preset=getattr(args, "augment_preset", "paper"),
         augment_aspect=getattr(args, "augment_aspect", 0.0), init_from=getattr(args, "init_from", None),
         val_moved=getattr(args, "val_moved", False),

@@ -39,7 +39,8 @@ from .sampler import InstanceBatchSampler, SubjectBatchSampler
 STATE_FORMAT = "fingerprint-training-state/1"
 LOG_COLUMNS = ("step", "phase", "loss", "used_triplets", "active_triplets", "candidates", "memory",
                "lr", "seconds", "val_mean_recall", "val_hit_1", "val_hit_5", "val_n_way",
-               "pair_accuracy")
+               "pair_accuracy", "skipped")
+MAX_SKIPPED_IN_A_ROW = 20            # non-finite steps in a row before a run is called diverged
 
 
 @dataclass
@@ -71,6 +72,8 @@ class TrainConfig:
     warmup: int = 50
     min_lr_ratio: float = 0.01
     grad_clip: float = 5.0
+    ema: float = 0.0                 # decay of an exponential moving average of the weights, which
+                                     # is then what is validated and saved (0 = off)
     augment: bool = True
     augment_preset: str = "paper"    # paper | domain (domain-2d / domain-3d by dims): augment_more.py
     augment_aspect: float = 0.0      # log-range of a lost aspect ratio, added to the preset (0: off)
@@ -227,6 +230,17 @@ class Trainer:
             # oneDNN's channels-last convolutions are ~1.4x faster than NCHW in training too.
             self.model.network.to(memory_format=_memory_format(config.dims))
         self.network = ddp.wrap(self.model.network, self.ctx)
+        self.ema = None
+        if config.ema:
+            if not 0.0 < config.ema < 1.0:
+                raise ValueError(f"--ema is a decay between 0 and 1, not {config.ema}")
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            # The average's BatchNorm statistics are averaged with its weights (use_buffers),
+            # so the saved model is one consistent network, not averaged weights on the last
+            # step's statistics.
+            self.ema = AveragedModel(self.model.network, multi_avg_fn=get_ema_multi_avg_fn(config.ema),
+                                     use_buffers=True)
         self.sampler = SubjectBatchSampler(train_set.labels, config.batch_subjects,
                                            config.images_per_subject, seed=config.seed,
                                            rank=self.ctx.rank, world_size=self.ctx.world_size,
@@ -273,6 +287,7 @@ class Trainer:
         self.best_step = -1
         self.best_validation: dict = {}
         self.bad_validations = 0
+        self.skipped_in_a_row = 0
         self.rows: list = []
         self.seconds_before = 0.0
 
@@ -315,19 +330,27 @@ class Trainer:
             loss = loss + pair_loss
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.cfg.grad_clip and self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.grad_clip)
-            if self.pair_head is not None:
-                torch.nn.utils.clip_grad_norm_(self.pair_head.parameters(), self.cfg.grad_clip)
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip and self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+        if self.pair_head is not None:
+            norm = norm + torch.nn.utils.clip_grad_norm_(self.pair_head.parameters(), clip)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # A non-finite loss or gradient (bf16 rounding two embeddings onto one point makes the
+        # distance's gradient infinite) would turn every weight into NaN: such a step is
+        # skipped, and the schedule moves on as if it had been taken. With float16 on CUDA the
+        # scaler already skips it (and lowers its scale).
+        finite = bool(torch.isfinite(loss.detach()) and torch.isfinite(norm))
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if finite and self.ema is not None and phase == "train":
+            self.ema.update_parameters(ddp.unwrap(self.network))
         self.scheduler.step()
         return {"step": step, "phase": phase, "loss": float(loss.detach()),
                 "used_triplets": stats.used_triplets, "active_triplets": stats.active,
                 "candidates": stats.candidates, "memory": stats.memory, "lr": lr,
-                "pair_accuracy": pair_accuracy}
+                "pair_accuracy": pair_accuracy, "skipped": 0 if finite else 1}
 
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -337,7 +360,7 @@ class Trainer:
         different-subject distances of 0.04 at embedding norms of 4; bf16 rounding moved those
         distances by 12 %, and a calibration fitted on them gave 11 % false positives at a 1 %
         target, BENCHMARKS.md.)"""
-        net = ddp.unwrap(self.network)
+        net = self.evaluated_network()
         was_training = net.training
         net.eval()
         out = []
@@ -351,6 +374,12 @@ class Trainer:
         if self.cfg.normalize:
             emb = torch.nn.functional.normalize(emb, dim=1)
         return emb.numpy()
+
+    def evaluated_network(self) -> torch.nn.Module:
+        """The network that is validated, calibrated and saved: the moving average with --ema."""
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            return self.ema.module
+        return ddp.unwrap(self.network)
 
     def val_n_way(self) -> int:
         if self.val_set is None:
@@ -389,7 +418,11 @@ class Trainer:
         from subject_fingerprint.checkpoint import save_checkpoint
         self.model.metadata["training"] = self._metadata(self.step)
         self.model.metadata["metrics"] = {"validation": validation} if validation else {}
-        save_checkpoint(self.model, self.out / "best.pt")
+        trained, self.model.network = self.model.network, self.evaluated_network()
+        try:
+            save_checkpoint(self.model, self.out / "best.pt")
+        finally:
+            self.model.network = trained
 
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "step": int(self.step),
@@ -402,6 +435,8 @@ class Trainer:
                 "best_metric": self.best_metric, "best_step": self.best_step,
                 "best_validation": json.dumps(self.best_validation),
                 "bad_validations": self.bad_validations, "seconds": self.seconds_before,
+                "ema": None if self.ema is None else {k: v.detach().cpu() for k, v in self.ema.state_dict().items()},
+                "skipped_in_a_row": self.skipped_in_a_row,
                 "config": json.dumps(self.cfg.to_dict()),
                 "torch_rng": torch.get_rng_state()}
 
@@ -422,9 +457,11 @@ class Trainer:
 
             raise CheckpointError(path, "damaged training state (no readable configuration)")
         for key in ("dims", "depth", "embedding_dim", "loss", "miner", "normalize", "xbm", "seed",
-                    "batch_subjects", "images_per_subject", "verification_head", "canonical_pose"):
-            if saved.get(key) != self.cfg.to_dict().get(key):
-                raise ValueError(f"cannot resume: {key} was {saved.get(key)!r}, now {self.cfg.to_dict().get(key)!r}")
+                    "batch_subjects", "images_per_subject", "verification_head", "canonical_pose",
+                    "ema"):
+            was = saved.get(key, getattr(TrainConfig, key, None))  # a key older runs lacked: its default
+            if was != self.cfg.to_dict().get(key):
+                raise ValueError(f"cannot resume: {key} was {was!r}, now {self.cfg.to_dict().get(key)!r}")
         try:
             self._restore(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
@@ -446,6 +483,9 @@ class Trainer:
         self.best_validation = json.loads(state["best_validation"])
         self.bad_validations = int(state["bad_validations"])
         self.seconds_before = float(state["seconds"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         torch.set_rng_state(state["torch_rng"])
 
     # -- log and plot ---------------------------------------------------------------------------
@@ -528,7 +568,18 @@ class Trainer:
         stop_at = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
         while self.step < stop_at:
             row = self.train_step(self.step)
-            last_loss = row["loss"]
+            if row["skipped"]:
+                self.skipped_in_a_row += 1
+                bar.write(f"step {self.step + 1}: non-finite loss or gradient (loss {row['loss']}), "
+                          f"update skipped")
+                if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(
+                        f"training diverged: {self.skipped_in_a_row} steps in a row up to step "
+                        f"{self.step + 1} had a non-finite loss or gradient; {self.out / 'last.pt'} "
+                        f"holds the last good state (try a lower --lr, or without --bf16)")
+            else:
+                self.skipped_in_a_row = 0
+                last_loss = row["loss"]
             self.step += 1
             row["step"] = self.step  # the log counts steps done
             row["seconds"] = round(self.seconds_before + time.time() - t0, 2)
@@ -612,12 +663,13 @@ class Trainer:
     def _calibrate_best(self) -> None:
         from subject_fingerprint.checkpoint import load_checkpoint, save_checkpoint
         best = load_checkpoint(self.out / "best.pt")
-        current = {k: v.detach().clone() for k, v in ddp.unwrap(self.network).state_dict().items()}
-        ddp.unwrap(self.network).load_state_dict(best.network.state_dict())
+        net = self.evaluated_network()
+        current = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.load_state_dict(best.network.state_dict())
         try:
             cal = self.fit_calibration()
         finally:
-            ddp.unwrap(self.network).load_state_dict(current)
+            net.load_state_dict(current)
         if cal is not None:
             best.metadata["calibration"] = cal
             save_checkpoint(best, self.out / "best.pt")
