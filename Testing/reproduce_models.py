@@ -131,6 +131,10 @@ RECIPES = {
     "joint128-sslft-long": _from("joint128-sslft", ["NIH", "KER"], 1000, "1e-4", size=128),
     # ... which was still improving at its last step (validation 77.9): once more.
     "joint128-sslft-xl": _from("joint128-sslft-long", ["NIH", "KER"], 1000, "1e-4", size=128),
+    # 2026-12-04: joint128-sslft-xl's run again, validating and keeping the moving average of
+    # its weights (--ema; averaging along the path has carried better to unseen domains).
+    "joint128-sslft-xl-ema": _from("joint128-sslft-long", ["NIH", "KER"], 1000, "1e-4",
+                                   ["--ema", "0.995"], size=128),
     # Test-time views (``derive --test-shift``): the same weights, each embedding the mean over
     # the image and four copies shifted by 6 % of the field (chosen on validation subjects).
     "starter-views": _views(["NIH", "KER"], "joint64-ft-2400"),
