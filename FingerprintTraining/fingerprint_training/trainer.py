@@ -234,6 +234,10 @@ class Trainer:
         if config.ema:
             if not 0.0 < config.ema < 1.0:
                 raise ValueError(f"--ema is a decay between 0 and 1, not {config.ema}")
+            if config.verification_head:
+                # The head learns on the trained network's embeddings, not the average's: the
+                # saved pair would not belong together.
+                raise ValueError("--ema and --verification-head cannot be combined")
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             # The average's BatchNorm statistics are averaged with its weights (use_buffers),

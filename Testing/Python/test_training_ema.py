@@ -89,10 +89,13 @@ def test_the_average_starts_after_self_supervised_pretraining(tmp_path):
     assert all(torch.equal(ema[k], v) for k, v in t.after[-1].items() if v.is_floating_point())
 
 
-def test_ema_is_a_decay_between_0_and_1():
+def test_ema_is_a_decay_between_0_and_1_and_not_for_a_verification_head():
     train, val = _data()
     with pytest.raises(ValueError, match="decay"):
         Trainer(TrainConfig(out="unused", write_outputs=False, ema=1.5, **TINY), train, val)
+    with pytest.raises(ValueError, match="verification-head"):
+        Trainer(TrainConfig(out="unused", write_outputs=False, ema=0.9, verification_head=True, **TINY),
+                train, val)
 
 
 def test_the_ema_option_reaches_the_trainer_from_the_command_line():
