@@ -88,6 +88,16 @@ def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item())
 
 
+def all_true(flag: bool, ctx: DistContext) -> bool:
+    """Whether ``flag`` holds on every rank (a decision all ranks must take alike)."""
+    if ctx.world_size <= 1:
+        return bool(flag)
+    device = ctx.device if ctx.device is not None and ctx.device.type == "cuda" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()

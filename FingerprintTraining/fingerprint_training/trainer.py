@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -320,6 +321,9 @@ class Trainer:
         self.network.train()
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=_memory_format(self.cfg.dims))
+        # What the forward pass changes besides the weights, to undo if the step is skipped.
+        before = ([b.detach().clone() for b in ddp.unwrap(self.network).buffers()],
+                  self.objective.state_dict())
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             emb = self.network(x)
         loss, stats = self.objective(emb.float(), labels, groups, generator=mine_gen, step=step)
@@ -341,20 +345,42 @@ class Trainer:
             norm = norm + torch.nn.utils.clip_grad_norm_(self.pair_head.parameters(), clip)
         lr = self.optimizer.param_groups[0]["lr"]
         # A non-finite loss or gradient (bf16 rounding two embeddings onto one point makes the
-        # distance's gradient infinite) would turn every weight into NaN: such a step is
-        # skipped, and the schedule moves on as if it had been taken. With float16 on CUDA the
-        # scaler already skips it (and lowers its scale).
-        finite = bool(torch.isfinite(loss.detach()) and torch.isfinite(norm))
-        if finite or self.scaler.is_enabled():
+        # distance's gradient infinite; float16 overflows) would turn every weight into NaN:
+        # such a step is skipped on every rank alike (or their weights would part), the
+        # BatchNorm statistics and the cross-batch memory are put back as they were, and the
+        # schedule moves on as if it had been taken. The scaler lowers its scale as usual.
+        finite = ddp.all_true(bool(torch.isfinite(loss.detach()) and torch.isfinite(norm)), self.ctx)
+        if finite:
             self.scaler.step(self.optimizer)
-            self.scaler.update()
+        else:
+            for saved, b in zip(before[0], ddp.unwrap(self.network).buffers()):
+                b.copy_(saved)
+            self.objective.load_state_dict(before[1])
+        self.scaler.update()
         if finite and self.ema is not None and phase == "train":
             self.ema.update_parameters(ddp.unwrap(self.network))
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped first step moves the schedule before any optimizer step, on purpose.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         return {"step": step, "phase": phase, "loss": float(loss.detach()),
                 "used_triplets": stats.used_triplets, "active_triplets": stats.active,
                 "candidates": stats.candidates, "memory": stats.memory, "lr": lr,
                 "pair_accuracy": pair_accuracy, "skipped": 0 if finite else 1}
+
+    def _diverged(self, row: dict) -> None:
+        """Stop a run that gives nothing but non-finite steps, keeping its log."""
+        self.rows.append({**row, "step": self.step + 1})
+        if self.writes:
+            self._write_log()
+        last = self.out / "last.pt"
+        kept = f"{last} holds the last saved state" if last.is_file() else "no last.pt was written yet"
+        precision = (" or train in float32 (without --bf16)" if self.use_amp and self.amp_dtype == torch.bfloat16
+                     else " or without float16 (--no-amp)" if self.use_amp else "")
+        raise FloatingPointError(
+            f"training diverged: {self.skipped_in_a_row} steps in a row up to step {self.step + 1} had "
+            f"a non-finite loss or gradient ({kept}; its log is in {self.out / 'log.csv'}); "
+            f"try a lower --lr{precision}")
 
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -574,13 +600,11 @@ class Trainer:
             row = self.train_step(self.step)
             if row["skipped"]:
                 self.skipped_in_a_row += 1
-                bar.write(f"step {self.step + 1}: non-finite loss or gradient (loss {row['loss']}), "
-                          f"update skipped")
+                if self.ctx.is_main:
+                    bar.write(f"step {self.step + 1}: non-finite loss or gradient (loss {row['loss']}), "
+                              f"update skipped")
                 if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise FloatingPointError(
-                        f"training diverged: {self.skipped_in_a_row} steps in a row up to step "
-                        f"{self.step + 1} had a non-finite loss or gradient; {self.out / 'last.pt'} "
-                        f"holds the last good state (try a lower --lr, or without --bf16)")
+                    self._diverged(row)
             else:
                 self.skipped_in_a_row = 0
                 last_loss = row["loss"]

@@ -121,7 +121,9 @@ def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, capsys):
     result = t.run()
     before, after = t.after[0], t.after[1]
     params = dict(t.model.network.named_parameters())
-    assert all(torch.equal(before[k], after[k]) for k in params)  # step 2 changed no weight
+    # Step 2 changed nothing: no weight, and no BatchNorm statistic (its forward pass had).
+    assert any("running_var" in k for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in t.after[-1].values() if v.is_floating_point())
     assert not torch.equal(t.after[2][next(iter(params))], after[next(iter(params))])  # step 3 trained
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
@@ -130,10 +132,43 @@ def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, capsys):
     assert "step 2: non-finite loss or gradient" in capsys.readouterr().out
 
 
+def test_a_skipped_step_leaves_the_average_and_the_memory_alone(tmp_path):
+    train, val = _data()
+    t = Trainer(TrainConfig(out=str(tmp_path), steps=4, val_every=0, ema=0.5, xbm=12, **TINY), train, val)
+    _poison(t, {2})
+    memory = {}
+
+    class Watching(type(t)):
+        def train_step(self, step):
+            row = super().train_step(step)
+            memory[step] = self.objective.state_dict()
+            return row
+    t.__class__ = Watching
+    t.run()
+    assert int(t.ema.n_averaged) == 3  # steps 1, 2 and 4
+    assert torch.equal(memory[1]["embeddings"], memory[2]["embeddings"])
+    assert memory[1]["queue_idx"] == memory[2]["queue_idx"]
+    assert not torch.equal(memory[2]["embeddings"], memory[3]["embeddings"])  # the next step adds
+
+
 def test_a_run_that_only_gives_non_finite_steps_stops_with_a_clear_error(tmp_path):
     train, val = _data()
-    t = Trainer(TrainConfig(out=str(tmp_path), steps=MAX_SKIPPED_IN_A_ROW + 5, val_every=0, **TINY),
+    t = Trainer(TrainConfig(out=str(tmp_path), steps=MAX_SKIPPED_IN_A_ROW + 5, val_every=2, **TINY),
                 train, val)
-    _poison(t, set(range(1, 1000)))
-    with pytest.raises(FloatingPointError, match=r"diverged: 20 steps in a row up to step 21.*last\.pt"):
+    _poison(t, set(range(2, 1000)))
+    with pytest.raises(FloatingPointError, match=r"diverged: 20 steps in a row up to step 22 .*"
+                                                 r"last\.pt holds the last saved state.*log\.csv"):
         t.run()
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert rows[-1]["step"] == "22" and rows[-1]["skipped"] == "1"
+    fresh = Trainer(TrainConfig(out=str(tmp_path / "fresh"), steps=30, val_every=0, **TINY), train, val)
+    _poison(fresh, set(range(0, 1000)))
+    with pytest.raises(FloatingPointError, match="no last.pt was written yet"):
+        fresh.run()
+
+
+def test_all_ranks_agree_on_a_skip_in_one_process():
+    from fingerprint_training import distributed as ddp
+
+    ctx = ddp.setup(torch.device("cpu"))
+    assert ddp.all_true(True, ctx) is True and ddp.all_true(False, ctx) is False
