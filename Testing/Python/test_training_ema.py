@@ -172,3 +172,15 @@ def test_all_ranks_agree_on_a_skip_in_one_process():
 
     ctx = ddp.setup(torch.device("cpu"))
     assert ddp.all_true(True, ctx) is True and ddp.all_true(False, ctx) is False
+
+
+def test_with_a_loss_scaler_a_skipped_step_still_lowers_the_scale(tmp_path):
+    """The float16 path (CUDA) keeps a GradScaler; a CPU scaler stands in for it here."""
+    train, val = _data()
+    t = _Recording(TrainConfig(out=str(tmp_path), steps=3, val_every=0, **TINY), train, val)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    _poison(t, {1})
+    t.run()
+    assert t.scaler.get_scale() == 2.0 ** 9  # halved once, for the one overflowing step
+    assert all(torch.equal(t.after[0][k], t.after[1][k]) for k in t.after[0])
+    assert not torch.equal(t.after[1]["fc.weight"], t.after[2]["fc.weight"])
