@@ -78,24 +78,23 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") else network
 
 
-def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
-    """Rank 0's decision (stop early, time up) for every rank."""
+def _exchange_flag(flag: bool, ctx: DistContext, collective) -> bool:
     if ctx.world_size <= 1:
         return bool(flag)
     device = ctx.device if ctx.device is not None and ctx.device.type == "cuda" else torch.device("cpu")
     t = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(t, src=0)
+    collective(t)
     return bool(t.item())
+
+
+def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
+    """Rank 0's decision (stop early, time up) for every rank."""
+    return _exchange_flag(flag, ctx, lambda t: dist.broadcast(t, src=0))
 
 
 def all_true(flag: bool, ctx: DistContext) -> bool:
     """Whether ``flag`` holds on every rank (a decision all ranks must take alike)."""
-    if ctx.world_size <= 1:
-        return bool(flag)
-    device = ctx.device if ctx.device is not None and ctx.device.type == "cuda" else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return _exchange_flag(flag, ctx, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN))
 
 
 def barrier(ctx: DistContext) -> None:

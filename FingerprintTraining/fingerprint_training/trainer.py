@@ -346,11 +346,10 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         # A non-finite loss or gradient (float16 overflows; torch 2.13's bf16 weight gradient of
         # a 3x3 stride-2 convolution on a 1x1 input is NaN in a third to a half of the calls,
-        # Testing/benchmark_bf16_conv_grad.py)
-        # would turn every weight into NaN:
-        # such a step is skipped on every rank alike (or their weights would part), the
-        # BatchNorm statistics and the cross-batch memory are put back as they were, and the
-        # schedule moves on as if it had been taken. The scaler lowers its scale as usual.
+        # Testing/benchmark_bf16_conv_grad.py) would turn every weight into NaN: such a step is
+        # skipped on every rank alike (or their weights would part), the BatchNorm statistics
+        # and the cross-batch memory are put back as they were, and the schedule moves on as if
+        # it had been taken. The scaler lowers its scale as usual.
         finite = ddp.all_true(bool(torch.isfinite(loss.detach()) and torch.isfinite(norm)), self.ctx)
         if finite:
             self.scaler.step(self.optimizer)
