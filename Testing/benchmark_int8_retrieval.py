@@ -36,22 +36,27 @@ DATA = ROOT.parent / "shared" / "data"
 DISTANCE_ROWS = 500
 
 
-def subsets(model):
-    from fingerprint_training.data import preload
+def records(name: str, part: str = None):
+    """The images of shared data set ``name``; only its committed split's ``part`` if given."""
     from fingerprint_training.splits import load_split, records_in
     from subject_fingerprint.io import discover
 
-    nih = DATA / "cxr14-subset-64px"
-    found = discover([str(nih / "images")], manifest=str(nih / "manifest.csv"))
-    split = load_split(ROOT / "Resources" / "Splits" / "cxr14-subset-64px-seed42.json")
-    yield "NIH test split", preload(records_in(found.records, split, "test"), model.preprocessing,
+    found = discover([str(DATA / name / "images")], manifest=str(DATA / name / "manifest.csv")).records
+    if part is None:
+        return found
+    return records_in(found, load_split(ROOT / "Resources" / "Splits" / f"{name}-seed42.json"), part)
+
+
+def subsets(model):
+    from fingerprint_training.data import preload
+
+    yield "NIH test split", preload(records("cxr14-subset-64px", "test"), model.preprocessing,
                                     progress=False)
-    ker = DATA / "kermany-peds-128px"
-    found = discover([str(ker / "images")], manifest=str(ker / "manifest.csv"))
+    found = records("kermany-peds-128px")
     counts = {}
-    for r in found.records:
+    for r in found:
         counts[r.subject_id] = counts.get(r.subject_id, 0) + 1
-    chosen = [r for r in found.records if counts[r.subject_id] >= 2]
+    chosen = [r for r in found if counts[r.subject_id] >= 2]
     yield "Kermany (2+ images)", preload(chosen, model.preprocessing, progress=False)
 
 
@@ -63,15 +68,11 @@ def static_int8_runner(model, n_images: int, folder: Path):
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from fingerprint_training.data import preload
-    from fingerprint_training.splits import load_split, records_in
     from subject_fingerprint import backends
-    from subject_fingerprint.io import discover
 
     images = []
     for name in ("cxr14-subset-64px", "kermany-peds-128px"):
-        found = discover([str(DATA / name / "images")], manifest=str(DATA / name / "manifest.csv"))
-        train = records_in(found.records, load_split(ROOT / "Resources" / "Splits" / f"{name}-seed42.json"),
-                           "train")[:n_images // 2]
+        train = records(name, "train")[:n_images // 2]
         images.append(preload(train, model.preprocessing, progress=False).images.numpy())
     images = np.concatenate(images).astype(np.float32)
 
@@ -122,8 +123,8 @@ def main(argv=None) -> int:
         except ValueError as exc:
             print(f"({name}: {exc})", file=sys.stderr)
     runners["torch"] = backends.TorchRunner(model.network, cpu, 2, channels_last=False)
-    scratch = tempfile.TemporaryDirectory(prefix="int8-static-")
     if args.static_int8:
+        scratch = tempfile.TemporaryDirectory(prefix="int8-static-")  # kept until the end
         runners["int8-static"] = static_int8_runner(model, args.static_int8, Path(scratch.name))
     print(f"Model {model.model_id}; retrieval figures in % (difference to float32 in points)\n")
     for title, ds in subsets(model):
