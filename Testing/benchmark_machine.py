@@ -137,30 +137,52 @@ def section_inference(repeat, shapes):
         print(f"auto's check batch: {choice.summary()}", file=sys.stderr)
 
 
-def section_index(repeat):
-    from subject_fingerprint.checkpoint import default_model_path, load_checkpoint
-    from subject_fingerprint.embed import _RecordDataset
-    from subject_fingerprint.io import discover
-    from subject_fingerprint.lookup import index
+def decode_seconds(ds, workers: int, batch: int) -> float:
+    """Decode and preprocess every item of ``ds`` as ``index`` feeds them, in ``workers``
+    processes (0: this one), without the network."""
+    from torch.utils.data import DataLoader
 
-    model = load_checkpoint(default_model_path())
-    found = discover([str(DATA / "images")], manifest=str(DATA / "manifest.csv"))
-    records = found.records
-    ds = _RecordDataset(records, model.preprocessing, model.spatial_dims, model.modalities, None)
-    decode = best(lambda: [ds[i] for i in range(len(ds))], repeat)
-    # The network alone on the same 1000 images, as index batches them, for each backend.
+    from subject_fingerprint.embed import _collate
+
+    if not workers:
+        t = time.perf_counter()
+        for i in range(len(ds)):
+            ds[i]
+        return time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=_collate, prefetch_factor=2):
+        pass
+    return time.perf_counter() - t
+
+
+def section_index(repeat, device="cpu", data=DATA):
+    """``index`` of the images under ``data`` with the starter model on ``device``, against
+    decoding alone (one process, and the index's own workers) and the network alone."""
     import torch
 
     from subject_fingerprint import backends
-    from subject_fingerprint.embed import default_batch_size, mean_over_views
+    from subject_fingerprint.checkpoint import default_model_path, load_checkpoint
+    from subject_fingerprint.embed import _RecordDataset, default_batch_size, mean_over_views
+    from subject_fingerprint.io import discover
+    from subject_fingerprint.lookup import index
 
+    device = torch.device(device)
+    model = load_checkpoint(default_model_path())
+    images_dir, manifest = str(data / "images"), str(data / "manifest.csv")
+    found = discover([images_dir], manifest=manifest)
+    records = found.records
+    ds = _RecordDataset(records, model.preprocessing, model.spatial_dims, model.modalities, None)
     batch = default_batch_size(model)
+    cores = backends.cpu_cores()
+    decode = best(lambda: decode_seconds(ds, 0, batch), repeat)
+    decode_workers = best(lambda: decode_seconds(ds, cores, batch), repeat) if cores > 1 else decode
+    # The network alone on the same images, as index batches them, for each backend.
     images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
     model_alone = {}
     views = model.preprocessing.view_shifts()  # every view is a pass of the network
     for name in ("torch", "bf16", "bf16-mixed", "onnx"):
         try:
-            runner = backends.make_runner(model, name, torch.device("cpu"))
+            runner = backends.make_runner(model, name, device)
         except ValueError:
             continue
         model_alone[name] = best(lambda: [mean_over_views(runner, images[i:i + batch], views)
@@ -171,37 +193,41 @@ def section_index(repeat):
     # remembered": a later run with the same cache reuses that measurement (backends module doc).
     cases = (("torch", 0, ""), ("bf16", None, ""), ("bf16-mixed", None, ""), ("auto", None, "measured"),
              ("auto", None, "remembered"))
+    if device.type == "cuda":  # one candidate there (AMP); the workers are what varies
+        cases = (("torch", 0, ""), ("torch", None, ""), ("auto", None, "measured"))
     try:
         for backend, workers, mode in cases:
-            if backend != "auto" and backends.unavailable(backend, torch.device("cpu")):
-                print(f"({backends.unavailable(backend, torch.device('cpu'))})", file=sys.stderr)
+            if backend != "auto" and backends.unavailable(backend, device):
+                print(f"({backends.unavailable(backend, device)})", file=sys.stderr)
                 continue
             times, report = [], None
             for r in range(repeat):
                 if mode == "measured":
                     backends._REMEMBERED.clear()
                     (backends.cache_dir() / backends._CHOICES_FILE).unlink(missing_ok=True)
-                lib = folder / f"{backend}-{mode}-{r}.h5"
+                lib = folder / f"{backend}-{workers}-{mode}-{r}.h5"
                 t = time.perf_counter()
-                report = index([str(DATA / "images")], lib, model=model, manifest=str(DATA / "manifest.csv"),
-                               device="cpu", num_workers=workers, backend=backend, progress=False)
+                report = index([images_dir], lib, model=model, manifest=manifest, device=str(device),
+                               num_workers=workers, backend=backend, progress=False)
                 times.append(time.perf_counter() - t)
             t = time.perf_counter()
-            again = index([str(DATA / "images")], lib, model=model, manifest=str(DATA / "manifest.csv"),
-                          device="cpu", num_workers=workers, backend=backend, progress=False)
+            again = index([images_dir], lib, model=model, manifest=manifest, device=str(device),
+                          num_workers=workers, backend=backend, progress=False)
             label = f"{backend}, {mode}" if mode else backend
             rows.append((label, workers, min(times), report, time.perf_counter() - t, again))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print(f"\n### `index` of {len(records)} NIH PNGs, starter model ({len(views)} network pass(es) per "
-          f"image), model already loaded ({load()})\n")
+    print(f"\n### `index` of {len(records)} NIH PNGs on {device}, starter model ({len(views)} network "
+          f"pass(es) per image), model already loaded ({load()})\n")
+    print(f"decode + preprocess alone: {decode:.2f} s in 1 process, {decode_workers:.2f} s in {cores} "
+          f"worker processes\n")
     print("| backend | decoding workers | index s | decode + preprocess alone s (1 process) | "
           "network alone s (that backend, batches of the index) | index / decode | "
           "index / max(decode, network) | backend used | re-index s | re-index embedded |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for backend, workers, t, report, t_again, again in rows:
         net = model_alone.get(report.backend, float("nan"))
-        print(f"| {backend} | {'cores' if workers is None else workers} | {t:.2f} | {decode:.2f} | "
+        print(f"| {backend} | {cores if workers is None else workers} | {t:.2f} | {decode:.2f} | "
               f"{net:.2f} | {t / decode:.2f} | {t / max(decode, net):.2f} | {report.backend} | "
               f"{t_again:.2f} | {again.embedded} |")
 
