@@ -1,8 +1,8 @@
 """``torchrun --nproc_per_node=N [--nnodes=M] -m subject_fingerprint index ...``.
 
 PyTorch's own launcher starts the processes and sets RANK / WORLD_SIZE / LOCAL_RANK; each rank
-embeds one contiguous slice of the discovered images (on ``cuda:LOCAL_RANK`` when CUDA is
-used) into its own shard library ``<library>.shard-<rank>-of-<world>.h5`` beside the target.
+embeds one contiguous slice of the discovered images (on GPU ``LOCAL_RANK`` modulo the GPUs
+when CUDA is used: more ranks than GPUs share them) into its own shard library ``<library>.shard-<rank>-of-<world>.h5`` beside the target.
 After a barrier, rank 0 merges the shards in rank order into the target in one write session
 (copy-on-write: the target is replaced atomically, or left as it was), then deletes them.
 Because the slices are contiguous and merged in order, the target holds the same entries in
@@ -22,6 +22,15 @@ from .errors import FingerprintError
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def rank_device(device: str, local_rank: int, gpus: int) -> str:
+    """The device of the rank ``local_rank`` on a machine with ``gpus`` GPUs: the GPUs dealt
+    out in turn, so two ranks on one GPU both use it (each decodes with its own workers), or
+    ``device`` as given when CUDA was not asked for or there is none."""
+    if gpus > 0 and (str(device).startswith("cuda") or device == "auto"):
+        return f"cuda:{local_rank % gpus}"
+    return device
 
 
 def shard_path(library, rank: int, world: int) -> Path:
@@ -52,8 +61,7 @@ def index_distributed(sources, library, device="auto", timeout_minutes: float = 
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=timeout_minutes))
     try:
-        if str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else device
+        device = rank_device(device, local_rank, torch.cuda.device_count())
         target = Path(library)
         mine = shard_path(target, rank, world)
         for leftover in (mine, Path(str(mine) + ".lock")):

@@ -96,3 +96,15 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_model, folder, repo_roo
     assert cols == cols1 and mid == mid1
     np.testing.assert_allclose(emb, emb1, rtol=1e-4, atol=1e-5)
     assert not list(tmp_path.glob("ranks.h5.shard-*"))  # shards merged and removed
+
+
+def test_ranks_are_dealt_over_the_gpus_and_share_them():
+    from subject_fingerprint.distributed_index import rank_device
+
+    # One GPU, two ranks: both use it (rank 1 used to ask for a missing cuda:1 and fall back to the CPU).
+    assert [rank_device("auto", r, 1) for r in range(2)] == ["cuda:0", "cuda:0"]
+    assert [rank_device("cuda", r, 2) for r in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert rank_device("cuda:1", 0, 4) == "cuda:0"  # under torchrun the rank, not the flag, picks
+    assert rank_device("cpu", 1, 2) == "cpu"         # the CPU when asked for
+    assert rank_device("auto", 1, 0) == "auto"       # no GPU: resolved (to the CPU) as usual
+    assert rank_device("cuda", 0, 0) == "cuda"       # ... with resolve_device's notice
