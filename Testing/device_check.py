@@ -103,14 +103,21 @@ def seconds_per_step(cfg, steps: int, warm: int = 3) -> float:
 
 
 def section_train(args, device) -> None:
+    import torch
+
     from fingerprint_training.trainer import _amp_for
 
     chain = repro.with_prerequisites(list(repro.SHIPPED), Path("/nonexistent"))
     print(f"\n### Training steps on {device} and on this machine's CPU ({os.cpu_count()} cores), "
           f"synthetic batches of each recipe's shape ({bench.load()})\n")
-    print("| recipe | input | batch (subjects x images) | precision on the GPU | s/step GPU | "
+    print("| recipe | input | batch (subjects x images) | precision GPU / CPU | s/step GPU | "
           "s/step CPU | CPU / GPU | steps | projected GPU s | projected CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def precision(dev):
+        amp, dtype = _amp_for(dev, cfg.amp, cfg.cpu_bf16)
+        return str(dtype).replace("torch.", "") if amp else "float32"
+
     total = {"gpu": 0.0, "cpu": 0.0}
     for name in chain:
         cfg = recipe_config(name, str(device))
@@ -119,11 +126,10 @@ def section_train(args, device) -> None:
                           images_per_subject=2, steps=10, depth=10)
         on_gpu = seconds_per_step(cfg, args.train_steps)
         on_cpu = seconds_per_step(replace(cfg, device="cpu"), args.cpu_steps, warm=1)
-        amp, dtype = _amp_for(device, cfg.amp, cfg.cpu_bf16)
         total["gpu"] += on_gpu * cfg.steps
         total["cpu"] += on_cpu * cfg.steps
         print(f"| {name} | {'x'.join(map(str, cfg.size))} | {cfg.batch_subjects} x {cfg.images_per_subject} | "
-              f"{str(dtype).replace('torch.', '') if amp else 'float32'} | {on_gpu:.3f} | {on_cpu:.3f} | "
+              f"{precision(device)} / {precision(torch.device('cpu'))} | {on_gpu:.3f} | {on_cpu:.3f} | "
               f"{on_cpu / on_gpu:.1f} | {cfg.steps} | {on_gpu * cfg.steps:.0f} | {on_cpu * cfg.steps:.0f} |")
     print(f"\nthe chain's steps alone (no validation or data loading): {total['gpu']:.0f} s on the GPU, "
           f"{total['cpu']:.0f} s on this CPU")
