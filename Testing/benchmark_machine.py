@@ -181,10 +181,9 @@ def section_index(repeat, device="cpu", data=DATA):
     model_alone = {}
     views = model.preprocessing.view_shifts()  # every view is a pass of the network
     for name in ("torch", "bf16", "bf16-mixed", "onnx"):
-        try:
-            runner = backends.make_runner(model, name, device)
-        except ValueError:
+        if backends.unavailable(name, device):
             continue
+        runner = backends.make_runner(model, name, device)
         model_alone[name] = best(lambda: [mean_over_views(runner, images[i:i + batch], views)
                                           for i in range(0, len(images), batch)], repeat)
     folder = Path(tempfile.mkdtemp(prefix="sf-bench-index-"))

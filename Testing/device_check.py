@@ -107,8 +107,11 @@ def section_train(args, device) -> None:
 
     from fingerprint_training.trainer import _amp_for
 
+    from subject_fingerprint.backends import cpu_cores
+
     chain = repro.with_prerequisites(list(repro.SHIPPED), Path("/nonexistent"))
-    print(f"\n### Training steps on {device} and on this machine's CPU ({os.cpu_count()} cores), "
+    cores = cpu_cores()  # those this process may use (a container's share), as torch threads
+    print(f"\n### Training steps on {device} and on this machine's CPU ({cores} torch threads), "
           f"synthetic batches of each recipe's shape ({bench.load()})\n")
     print("| recipe | input | batch (subjects x images) | precision GPU / CPU | s/step GPU | "
           "s/step CPU | CPU / GPU | steps | projected GPU s | projected CPU s |")
@@ -125,7 +128,7 @@ def section_train(args, device) -> None:
             cfg = replace(cfg, size=tuple(min(s, 32) for s in cfg.size), batch_subjects=4,
                           images_per_subject=2, steps=10, depth=10)
         on_gpu = seconds_per_step(cfg, args.train_steps)
-        on_cpu = seconds_per_step(replace(cfg, device="cpu"), args.cpu_steps, warm=1)
+        on_cpu = seconds_per_step(replace(cfg, device="cpu", threads=cores), args.cpu_steps, warm=1)
         total["gpu"] += on_gpu * cfg.steps
         total["cpu"] += on_cpu * cfg.steps
         print(f"| {name} | {'x'.join(map(str, cfg.size))} | {cfg.batch_subjects} x {cfg.images_per_subject} | "
@@ -194,8 +197,11 @@ def section_inference(args, device) -> None:
 
     shapes = [(2, (64, 64)), (3, (16, 24, 24))] if args.tiny else [(2, (512, 512)), (3, (78, 120, 120))]
     depth = 10 if args.tiny else 50
+    if device.type == "cuda":
+        # The float32 reference in true float32: cuDNN convolutions default to TF32.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     print(f"\n### ResNet-{depth} inference on {device}, ms per image of 8 embedded in calls of `batch` "
-          f"({bench.load()})\n")
+          f"({bench.load()}; TF32 off)\n")
     print("| input | batch | float32 | project's path (`torch`) | float32 / project | min cosine to float32 | "
           "median distance change |")
     print("|---|---|---|---|---|---|---|")
@@ -278,9 +284,14 @@ def main(argv=None) -> int:
     device, notice = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    from subject_fingerprint.backends import cpu_cores
+
+    quota = Path("/sys/fs/cgroup/cpu.max")
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device {device} ({gpu}); torch "
           f"{torch.__version__}, CUDA {torch.version.cuda}; Python {platform.python_version()}; "
-          f"{os.cpu_count()} CPU threads; {bench.load()}" + (f"; {notice}" if notice else ""))
+          f"{os.cpu_count()} CPUs, {cpu_cores()} usable, torch threads {torch.get_num_threads()}, cgroup "
+          f"cpu.max {quota.read_text().strip() if quota.is_file() else '-'}; {bench.load()}"
+          + (f"; {notice}" if notice else ""))
     if os.environ.get("SUBJECT_FINGERPRINT_CACHE") is None:
         os.environ["SUBJECT_FINGERPRINT_CACHE"] = str(args.out / "cache")
     failed = []
@@ -288,7 +299,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         try:
             globals()[f"section_{name}"](args, device)
-        except Exception:  # one broken section must not hide the others' figures
+        except (Exception, SystemExit):  # one broken section must not hide the others' figures
             failed.append(name)
             print(f"\n### {name}: FAILED\n\n```\n{traceback.format_exc()}```")
         print(f"({name}: {time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)

@@ -325,9 +325,13 @@ class Choice:
 def unavailable(backend: str, device) -> str:
     """Why ``backend`` (not ``auto``) cannot run on ``device``, or "" when it can: the cheap
     checks, without building a runner."""
-    if backend in ("bf16", "bf16-mixed") and device.type == "cpu" and not cpu_has_bf16():
-        return (f"{backend}: this CPU has no bfloat16 units (avx512_bf16/amx_bf16); "
-                "use --backend torch or onnx")
+    if backend in ("bf16", "bf16-mixed"):
+        if device.type != "cpu":  # its BatchNorm folding and staging are built on the CPU
+            return (f"{backend}: a CPU backend; on {device.type} the torch backend runs "
+                    "float16 autocast; use --backend torch or --device cpu")
+        if not cpu_has_bf16():
+            return (f"{backend}: this CPU has no bfloat16 units (avx512_bf16/amx_bf16); "
+                    "use --backend torch or onnx")
     if backend in ("onnx", "onnx-int8"):
         if device.type != "cpu":
             return f"{backend}: the ONNX backends run on the CPU; use --device cpu"

@@ -28,7 +28,8 @@ def rank_device(device: str, local_rank: int, gpus: int) -> str:
     """The device of the rank ``local_rank`` on a machine with ``gpus`` GPUs: the GPUs dealt
     out in turn, so two ranks on one GPU both use it (each decodes with its own workers), or
     ``device`` as given when CUDA was not asked for or there is none."""
-    if gpus > 0 and (str(device).startswith("cuda") or device == "auto"):
+    spec = str(device or "auto").strip().lower()  # as resolve_device reads it
+    if gpus > 0 and (spec.startswith("cuda") or spec == "auto"):
         return f"cuda:{local_rank % gpus}"
     return device
 

@@ -186,6 +186,18 @@ def test_bf16_offered_only_with_the_cpu_flag(monkeypatch):
     assert {"bf16", "bf16-mixed"} <= set(backends.auto_candidates(torch.device("cpu")))
 
 
+def test_bf16_backends_are_cpu_only(model, monkeypatch):
+    """On CUDA they would stage a GPU network on a CPU probe and fail mid-run; they are refused
+    up front with a message instead (the torch backend is float16 autocast there)."""
+    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    cuda = torch.device("cuda")
+    for name in ("bf16", "bf16-mixed"):
+        assert "CPU backend" in backends.unavailable(name, cuda)
+        with pytest.raises(ValueError, match="float16 autocast"):
+            backends.make_runner(model, name, cuda)
+        assert backends.unavailable(name, torch.device("cpu")) == ""
+
+
 def test_unknown_backend_is_refused(model):
     with pytest.raises(ValueError, match="unknown backend"):
         backends.choose(model, "tensorrt", torch.device("cpu"))

@@ -108,3 +108,4 @@ def test_ranks_are_dealt_over_the_gpus_and_share_them():
     assert rank_device("cpu", 1, 2) == "cpu"         # the CPU when asked for
     assert rank_device("auto", 1, 0) == "auto"       # no GPU: resolved (to the CPU) as usual
     assert rank_device("cuda", 0, 0) == "cuda"       # ... with resolve_device's notice
+    assert rank_device(None, 1, 2) == rank_device(" AUTO", 1, 2) == "cuda:1"
