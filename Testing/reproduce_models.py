@@ -18,7 +18,8 @@ each source). A recipe with ``"derive"`` is another recipe's model with test-tim
 ``--resume`` continues each run from its ``last.pt`` (a finished run is left as it is). Wall
 times go to ``OUT/timings.json``. On a machine with CUDA the same commands train with mixed
 precision (``--device auto``); without it they run on the CPU. Needs ``../shared/data`` (or
-``--data``).
+``--data``). The GPU seconds per step of the shipped chains, beside the CPU's on the same
+machine: ``Testing/device_check.py`` (its ``train`` section).
 """
 
 from __future__ import annotations
