@@ -24,7 +24,9 @@
                :data:`MIN_COSINE` on every row *and* distances between the batch's images
                within :data:`MAX_DISTANCE_ERROR` of float32's (a model whose embeddings sit
                in a narrow cone, norms of 4 and different-subject distances of 0.04, kept a
-               cosine of 0.99998 in bf16 while its distances moved by 12 %).
+               cosine of 0.99998 in bf16 while its distances moved by 12 %). On CUDA the
+               one candidate, float16 AMP, is checked the same way; when no candidate
+               matches, eager float32 itself is used (still named ``torch``).
 
 The decision is made from the CPU flags and the measurement, never from a stored note: a
 machine without bf16 units simply has no ``bf16`` candidate. A measurement is remembered (in
@@ -472,7 +474,9 @@ def choose(model, backend: str, device, check=None, remember: bool = True, timin
         return Choice(make_runner(model, backend, device), backend)
     names = auto_candidates(device)
     if len(names) == 1:
-        return Choice(make_runner(model, names[0], device), names[0])
+        runner = make_runner(model, names[0], device)
+        if getattr(runner, "autocast", "") is None:  # eager float32 alone: nothing to check
+            return Choice(runner, names[0])
     x = check_batch(model) if check is None else check
     # A timing batch that is all of the check batch (a view of it, as the Embedder passes at
     # 64 px) is the check batch: its output serves both, one forward pass per candidate.
@@ -505,8 +509,9 @@ def choose(model, backend: str, device, check=None, remember: bool = True, timin
             continue
         if best is None or seconds < best[0]:
             best = (seconds, name, runner)
-    if best is None:  # pragma: no cover - eager float32 always matches itself
-        best = (0.0, "torch", make_runner(model, "torch", device))
+    if best is None:  # nothing matched (float16 AMP on CUDA can fail): eager float32 itself
+        best = (0.0, "torch", TorchRunner(model.network, device, model.spatial_dims,
+                                          input_size=tuple(model.preprocessing.size)))
     choice.runner, choice.name = best[2], best[1]
     if remember:
         _remember(key, choice)

@@ -145,6 +145,31 @@ def test_auto_refuses_a_backend_that_moves_distances_despite_a_high_cosine(cache
     assert "distances off" in choice.rejected["bf16"] and choice.name != "bf16"
 
 
+def test_auto_checks_a_lone_mixed_precision_candidate_and_falls_back_to_float32(
+        cache, one_torch_thread, monkeypatch):
+    """On CUDA the one candidate, ``torch``, is float16 AMP: it is checked like any other, and a
+    model whose distances it would move gets eager float32 instead. Here a bf16 runner stands
+    in for AMP under the name ``torch``."""
+    if not backends.cpu_has_bf16():
+        pytest.skip("no bf16 units: bf16 cannot stand in for a failing candidate here")
+    torch.manual_seed(0)
+    offset = FingerprintModel.create(2, depth=10, embedding_dim=16,
+                                     preprocessing=Preprocessing(spatial_dims=2, size=(32, 32)))
+    with torch.no_grad():
+        offset.network.fc.bias += 200.0
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(backends, "auto_candidates", lambda device: ["torch"])
+    monkeypatch.setattr(backends, "make_runner",
+                        lambda model, name, device: backends.TorchRunner(model.network, device, 2,
+                                                                         autocast="bf16"))
+    choice = backends.choose(offset, "auto", cpu, remember=False)
+    assert "distances off" in choice.rejected["torch"]
+    assert choice.name == "torch" and choice.runner.autocast is None
+    x = backends.check_batch(offset)
+    reference = backends.TorchRunner(offset.network, cpu, 2, channels_last=False)(x)
+    assert backends.distance_error(reference.numpy(), choice.runner(x).numpy()) < 1e-4
+
+
 def test_auto_in_the_embedder_measures_on_the_first_real_batch(model, cache, monkeypatch,
                                                                 one_torch_thread):
     seen = []
