@@ -233,6 +233,10 @@ def section_inference(args, device) -> None:
     print(f"\nshipped 2D starter, {len(x)} NIH images: min cosine of the project's path to float32 "
           f"{backends.min_cosine(ref, out):.6f}, median distance change {backends.distance_error(ref, out):.2e} "
           f"(auto accepts >= {backends.MIN_COSINE} and <= {backends.MAX_DISTANCE_ERROR})")
+    from subject_fingerprint.embed import Embedder
+
+    choice = Embedder(model, device=str(device), backend="auto", progress=False)._decide(first=x)
+    print(f"\n`auto` on {device} for it, on these images: {choice.summary()}")
 
 
 def nih_inputs(folder: Path, model, n: int):
