@@ -130,33 +130,32 @@ def test_distance_error_measures_what_retrieval_sees():
     assert backends.distance_error(a[:1], a[:1] * 3) == 0.0
 
 
-def test_auto_refuses_a_backend_that_moves_distances_despite_a_high_cosine(cache, one_torch_thread):
-    """Embeddings far from the origin (a large common offset) keep a cosine of ~1 under bf16
-    rounding while the distances between them, all that retrieval uses, are lost."""
+@pytest.fixture
+def offset():
+    """A model whose embeddings sit far from the origin (a large common offset): they keep a
+    cosine of ~1 under bf16 rounding while the distances between them are lost."""
     if not backends.cpu_has_bf16():
-        pytest.skip("no bf16 units: bf16 is not a candidate here")
+        pytest.skip("no bf16 units: bf16 cannot run here")
     torch.manual_seed(0)
-    offset = FingerprintModel.create(2, depth=10, embedding_dim=16,
-                                     preprocessing=Preprocessing(spatial_dims=2, size=(32, 32)))
+    model = FingerprintModel.create(2, depth=10, embedding_dim=16,
+                                    preprocessing=Preprocessing(spatial_dims=2, size=(32, 32)))
     with torch.no_grad():
-        offset.network.fc.bias += 200.0
+        model.network.fc.bias += 200.0
+    return model
+
+
+def test_auto_refuses_a_backend_that_moves_distances_despite_a_high_cosine(offset, cache, one_torch_thread):
+    """A high cosine is not enough: the distances, all that retrieval uses, must hold too."""
     choice = backends.choose(offset, "auto", torch.device("cpu"), remember=False)
     assert choice.cosines["bf16"] >= backends.MIN_COSINE
     assert "distances off" in choice.rejected["bf16"] and choice.name != "bf16"
 
 
 def test_auto_checks_a_lone_mixed_precision_candidate_and_falls_back_to_float32(
-        cache, one_torch_thread, monkeypatch):
+        offset, cache, one_torch_thread, monkeypatch):
     """On CUDA the one candidate, ``torch``, is float16 AMP: it is checked like any other, and a
     model whose distances it would move gets eager float32 instead. Here a bf16 runner stands
     in for AMP under the name ``torch``."""
-    if not backends.cpu_has_bf16():
-        pytest.skip("no bf16 units: bf16 cannot stand in for a failing candidate here")
-    torch.manual_seed(0)
-    offset = FingerprintModel.create(2, depth=10, embedding_dim=16,
-                                     preprocessing=Preprocessing(spatial_dims=2, size=(32, 32)))
-    with torch.no_grad():
-        offset.network.fc.bias += 200.0
     cpu = torch.device("cpu")
     monkeypatch.setattr(backends, "auto_candidates", lambda device: ["torch"])
     monkeypatch.setattr(backends, "make_runner",
