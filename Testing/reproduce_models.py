@@ -162,6 +162,7 @@ RECIPES = {
     # 2026-12-04: the NIH-only line again (its checkpoints stayed on an earlier machine), its
     # two 128 px rounds in one with the moving average of the weights (--ema), which has
     # carried better to unseen domains elsewhere: does it reach Kermany, never seen, further?
+    # Measured: NIH validation 88.6, test 74.4 / P@1 87.5; Kermany +16.8 over pixels (no).
     "nih128-aspect-ema": _from("nih64-ssl-xl-aspect", ["NIH"], 1600, "1.5e-4", [*ASPECT, "--ema", "0.995"],
                                size=128),
     "nih128-aspect-ema-views": _views(["NIH"], "nih128-aspect-ema"),
