@@ -53,6 +53,8 @@ def preset(name: str, dims: int = 2, **overrides) -> AugmentConfig:
                          f"domain-2d or domain-3d")
     if (overrides.get("aspect") or 0) < 0:
         raise ValueError(f"the aspect range is a log-ratio of at least 0, not {overrides['aspect']}")
+    if not 0 <= (overrides.get("scale") or 0) < 1:
+        raise ValueError(f"the zoom range is a fraction in [0, 1), not {overrides['scale']}")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 

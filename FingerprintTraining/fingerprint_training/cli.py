@@ -102,6 +102,9 @@ def _add_train(sub) -> None:
     p.add_argument("--augment-aspect", type=float, default=0.0, metavar="R",
                    help="also stretch one axis against the others by a ratio up to exp(R) "
                         "(copies squashed to a square lose their aspect ratio); 0 = off")
+    p.add_argument("--augment-scale", type=float, default=0.0, metavar="S",
+                   help="zoom each image by a factor drawn from 1 +- S instead of the preset's "
+                        "range (hospitals frame the chest differently); 0 = the preset's")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this model's weights")
     p.add_argument("--val-moved", action="store_true",
                    help="3D: validate on volumes each moved by a seeded random rigid transform "
@@ -152,7 +155,8 @@ def config_from_args(args):
         normalize=args.normalize, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         grad_clip=args.grad_clip, ema=args.ema, augment=not args.no_augment,
         augment_preset=getattr(args, "augment_preset", "paper"),
-        augment_aspect=getattr(args, "augment_aspect", 0.0), init_from=getattr(args, "init_from", None),
+        augment_aspect=getattr(args, "augment_aspect", 0.0),
+        augment_scale=getattr(args, "augment_scale", 0.0), init_from=getattr(args, "init_from", None),
         val_moved=getattr(args, "val_moved", False),
         pretrain_steps=args.pretrain_steps, verification_head=args.verification_head,
         canonical_pose=args.canonical_pose,

@@ -78,6 +78,7 @@ class TrainConfig:
     augment: bool = True
     augment_preset: str = "paper"    # paper | domain (domain-2d / domain-3d by dims): augment_more.py
     augment_aspect: float = 0.0      # log-range of a lost aspect ratio, added to the preset (0: off)
+    augment_scale: float = 0.0       # +- relative zoom in place of the preset's (0: the preset's)
     init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning)
     val_moved: bool = False          # 3D: validate on rigidly moved volumes (sources.py, moved.py)
     pretrain_steps: int = 0          # instance-discrimination steps (each image a "subject") first
@@ -283,7 +284,8 @@ class Trainer:
         self.use_amp, self.amp_dtype = _amp_for(self.device, config.amp, config.cpu_bf16)
         # bfloat16 has float32's range: only float16 needs loss scaling.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.aug_config = (preset(config.augment_preset, config.dims, aspect=config.augment_aspect or None)
+        self.aug_config = (preset(config.augment_preset, config.dims, aspect=config.augment_aspect or None,
+                                  scale=config.augment_scale or None)
                            if config.augment else AugmentConfig())
         self.out = Path(config.out)
         self.writes = config.write_outputs and self.ctx.is_main

@@ -1,6 +1,8 @@
 """Domain-shift augmentation (augment_more.py): reproducible, shape- and range-safe, and each
 option really changes the image the way it says."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -92,3 +94,20 @@ def test_aspect_stretches_one_axis_and_keeps_the_area():
     assert torch.equal(with_off, augment_batch(x, g2, preset("domain", 2, aspect=None)))
     with pytest.raises(ValueError, match="aspect"):
         preset("domain", 2, aspect=-1)
+
+
+def test_scale_override_widens_the_zoom():
+    # A centred 16 x 16 square: its side after augmentation measures the zoom drawn.
+    x = torch.zeros(256, 1, 64, 64)
+    x[:, :, 24:40, 24:40] = 1.0
+
+    def sides(cfg):
+        out = augment(x, torch.Generator().manual_seed(3), replace(cfg, rotate_deg=0.0, shift=0.0))
+        return torch.tensor([i.any(1).sum().item() for i in out[:, 0] > 0.5], dtype=torch.float32)
+
+    narrow, wide = sides(preset("domain", 2)), sides(preset("domain", 2, scale=0.35))
+    assert narrow.min() >= 13 and narrow.max() <= 19               # 16 px x (1 +- 0.12)
+    assert wide.min() <= 12 and wide.max() >= 21                   # 16 px x (1 +- 0.35)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="zoom"):
+            preset("domain", 2, scale=bad)

@@ -248,3 +248,17 @@ def test_augment_aspect_reaches_the_augmentation_from_the_command_line():
     trainer = Trainer(TrainConfig(out="unused", steps=1, write_outputs=False,
                                   augment_preset="domain", augment_aspect=0.4, **TINY), train, val)
     assert trainer.aug_config.aspect == 0.4 and trainer.aug_config.gamma > 0  # the preset, plus it
+
+
+def test_augment_scale_replaces_the_presets_zoom_range_from_the_command_line():
+    from fingerprint_training.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "SRC", "--out", "unused", "--augment-scale", "0.35"])
+    assert config_from_args(args).augment_scale == 0.35
+    train, val = _data()
+    wide = Trainer(TrainConfig(out="unused", steps=1, write_outputs=False,
+                               augment_preset="domain", augment_scale=0.35, **TINY), train, val)
+    default = Trainer(TrainConfig(out="unused", steps=1, write_outputs=False,
+                                  augment_preset="domain", **TINY), train, val)
+    assert wide.aug_config.scale == 0.35 and default.aug_config.scale == 0.12
+    assert wide.aug_config.gamma == default.aug_config.gamma > 0  # the rest of the preset stays
