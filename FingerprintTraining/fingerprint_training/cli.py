@@ -195,14 +195,17 @@ def run_train(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``split``, ``train``, ``evaluate`` and ``derive`` to the main command line."""
+    """Add ``split``, ``train``, ``evaluate``, ``derive`` and ``ensemble`` to the main command
+    line."""
     from .derive_command import register as register_derive
+    from .ensemble_command import register as register_ensemble
     from .evaluate_command import register as register_evaluate
 
     _add_split(subparsers)
     _add_train(subparsers)
     register_evaluate(subparsers)
     register_derive(subparsers)
+    register_ensemble(subparsers)
 
 
 def build_parser():

@@ -24,6 +24,7 @@ from pathlib import Path
 from .errors import CheckpointError
 # FingerprintModel lives in .model; imported here for save/load and for older imports.
 from .model import FingerprintModel, build_network, calibration_id, check_image_fits  # noqa: F401
+from .model import build_resnet_from, describe_architecture
 from .model import json_default as _json_default
 from .preprocess import Preprocessing
 
@@ -168,7 +169,10 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
         metadata = json.loads(text)
         arch = metadata["architecture"]
         preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
-        spatial_dims, depth, dim = int(arch["spatial_dims"]), int(arch["depth"]), int(arch["embedding_dim"])
+        # Checked here, so that a missing field reads as damaged metadata, not as weights that
+        # do not fit.
+        for key in ("spatial_dims", "embedding_dim") + (() if "members" in arch else ("depth",)):
+            int(arch[key])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(path, f"damaged metadata ({type(exc).__name__}: {exc})") from None
     state = payload.get("state_dict")
@@ -177,13 +181,12 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
     if _weights_hash(state) != payload.get("weights_sha256"):
         raise CheckpointError(path, "weights do not match their recorded hash: the file was altered")
     try:
-        network = build_network(spatial_dims, depth, dim, bool(arch.get("canonical_pose", False)),
-                                bool(arch.get("normalize", False)))
+        network = _network_from(arch)
         network.load_state_dict(_float32(state), strict=True)
-    except (RuntimeError, ValueError) as exc:
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(path, f"weights do not fit a {spatial_dims}D ResNet-{depth} "
-                                    f"with {dim}-d output: {first}") from None
+        raise CheckpointError(path, f"weights do not fit the {describe_architecture(arch)} "
+                                    f"its metadata describes: {first}") from None
     head = _load_pair_head(path, payload, metadata)
     from .device import resolve_device
 
@@ -191,6 +194,14 @@ def load_checkpoint(path, device="cpu") -> FingerprintModel:
     model.to(resolve_device(device)[0])
     network.eval()
     return model
+
+
+def _network_from(architecture: dict):
+    """An untrained network of the shape a checkpoint's architecture block describes: an
+    ensemble of several (``ensemble.py``) or one ResNet."""
+    from .ensemble import build_ensemble, is_ensemble
+
+    return build_ensemble(architecture) if is_ensemble(architecture) else build_resnet_from(architecture)
 
 
 def _float32(state: dict) -> dict:

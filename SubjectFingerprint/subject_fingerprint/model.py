@@ -49,6 +49,23 @@ def build_network(spatial_dims: int = 2, depth: int = 50, embedding_dim: int = 1
     return resnet
 
 
+def build_resnet_from(architecture: dict):
+    """An untrained ``build_network`` ResNet of the shape an architecture block describes (an
+    ensemble's blocks are read by ``ensemble.build_ensemble``)."""
+    return build_network(int(architecture["spatial_dims"]), int(architecture["depth"]),
+                         int(architecture["embedding_dim"]),
+                         bool(architecture.get("canonical_pose", False)),
+                         bool(architecture.get("normalize", False)))
+
+
+def describe_architecture(architecture: dict) -> str:
+    """``2D ResNet-18 with 128-d output``, or the same for each member of an ensemble."""
+    a = architecture or {}
+    if a.get("name") == "ensemble":
+        return "ensemble of " + ", ".join(describe_architecture(m) for m in a.get("members") or [])
+    return f"{a.get('spatial_dims')}D ResNet-{a.get('depth')} with {a.get('embedding_dim')}-d output"
+
+
 def check_image_fits(loaded, spatial_dims: int, modalities=()) -> None:
     """Raise ``ModelMismatchError`` when ``loaded`` is not something the model can embed.
 
@@ -147,7 +164,11 @@ class FingerprintModel:
 
     @property
     def depth(self) -> int:
-        return int(self.architecture["depth"])
+        """The ResNet depth (of an ensemble: its deepest member's)."""
+        a = self.architecture
+        if "depth" not in a and a.get("members"):
+            return max(int(m["depth"]) for m in a["members"])
+        return int(a["depth"])
 
     @property
     def modalities(self) -> list:
@@ -173,6 +194,9 @@ class FingerprintModel:
         embeddings without weights of its own): everything that decides the embeddings, so a
         library is only ever searched with embeddings made the same way.
 
+        An ensemble's hash also covers its members' architectures (their input sizes change
+        the embeddings without weights of their own).
+
         The calibration turns distances into probabilities without changing embeddings; it
         has its own :attr:`calibration_id`, which libraries record (``model_metadata``) and
         ``query`` compares. A checkpoint saved with ``half=True`` loads with fp16-rounded
@@ -184,7 +208,10 @@ class FingerprintModel:
         state = self.network.state_dict()
         prep = json.dumps(self.preprocessing.to_dict(), sort_keys=True, default=json_default)
         unit = bool(self.architecture.get("normalize", False))
-        key = (prep, unit) + tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
+        members = self.architecture.get("members")
+        members = json.dumps(members, sort_keys=True) if members else ""
+        key = (prep, unit, members) + tuple((name, t.data_ptr(), t._version)
+                                            for name, t in sorted(state.items()))
         if self._id_cache[0] != key:
             digest = hashlib.sha256()
             for name in sorted(state):
@@ -194,6 +221,8 @@ class FingerprintModel:
             digest.update(b"preprocessing\n" + prep.encode("utf-8"))
             if unit:  # only then: the IDs of every other model stay as they were
                 digest.update(b"\nnormalize")
+            if members:
+                digest.update(b"\nensemble " + members.encode("utf-8"))
             self._id_cache = (key, digest.hexdigest()[:16])
         return self._id_cache[1]
 
@@ -215,7 +244,8 @@ class FingerprintModel:
 
     def __repr__(self) -> str:
         a = self.architecture
-        return (f"FingerprintModel(resnet{a.get('depth')}, {a.get('spatial_dims')}D, "
+        kind = (f"ensemble of {len(a['members'])}" if a.get("members") else f"resnet{a.get('depth')}")
+        return (f"FingerprintModel({kind}, {a.get('spatial_dims')}D, "
                 f"dim={a.get('embedding_dim')}, id={self.model_id})")
 
 

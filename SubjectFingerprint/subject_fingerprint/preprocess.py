@@ -206,23 +206,32 @@ def _spacing_of(spacing, ndim: int) -> tuple:
 
 
 def _resize(array: np.ndarray, shape: tuple) -> np.ndarray:
-    """Resize with torch; antialiased in 2D, area-averaged when shrinking in 3D."""
+    """Resize one image or volume (see :func:`resize_tensor`)."""
     import torch
-    import torch.nn.functional as F
 
     shape = tuple(int(s) for s in shape)
     if tuple(array.shape) == shape:
         return np.ascontiguousarray(array, dtype=np.float32)
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     with torch.no_grad():
-        if array.ndim == 2:
-            shrinking = any(t < n for t, n in zip(shape, array.shape))
-            y = F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=shrinking)
-        else:
-            # torch has no antialiased trilinear: average-pool whole factors first, then
-            # interpolate the remainder.
-            kernel = tuple(max(1, n // t) for n, t in zip(array.shape, shape))
-            if max(kernel) > 1:
-                x = F.avg_pool3d(x, kernel_size=kernel, stride=kernel)
-            y = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
-    return y[0, 0].numpy()
+        return resize_tensor(x, shape)[0, 0].numpy()
+
+
+def resize_tensor(x, shape: tuple):
+    """Resize a ``(B, C, *spatial)`` tensor with torch; antialiased in 2D, area-averaged when
+    shrinking in 3D. Shared by the preprocessing and by ensembles whose members take smaller
+    inputs, so that both shrink an image the same way."""
+    import torch.nn.functional as F
+
+    shape = tuple(int(s) for s in shape)
+    if tuple(x.shape[2:]) == shape:
+        return x
+    if x.dim() == 4:
+        shrinking = any(t < n for t, n in zip(shape, x.shape[2:]))
+        return F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=shrinking)
+    # torch has no antialiased trilinear: average-pool whole factors first, then
+    # interpolate the remainder.
+    kernel = tuple(max(1, n // t) for n, t in zip(x.shape[2:], shape))
+    if max(kernel) > 1:
+        x = F.avg_pool3d(x, kernel_size=kernel, stride=kernel)
+    return F.interpolate(x, size=shape, mode="trilinear", align_corners=False)

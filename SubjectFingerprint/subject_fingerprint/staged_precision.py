@@ -65,7 +65,11 @@ def bf16_mixed_network(network, size=None):
     stage, pooling and head run in float32 (:class:`StagedPrecision`), each part in the memory
     layout that suits inputs of ``size`` (the model's input size; module doc). Checked at build
     time to compute what ``network`` computes (in float32), so a ResNet whose forward differs
-    from the stage sequence is refused rather than run wrongly."""
+    from the stage sequence is refused rather than run wrongly. An ensemble gets this copy of
+    each member."""
+    members = _ensemble_members(network)
+    if members is not None:
+        return _rebuilt(network, [bf16_mixed_network(m, s) for m, s in members])
     try:
         _, resnet = _split_resnet(network)
         return _staged(network, _small_last_stage(resnet, size)).to_low_precision()
@@ -77,13 +81,37 @@ def float32_staged_network(network, size):
     """For the float32 ``torch`` backend on the CPU: ``network`` laid out per part as
     :func:`bf16_mixed_network` does, all in float32, when its last stage is small enough to
     run faster NCHW (the starter's whole network: about 1.5x); None when the plain
-    channels-last network is as good, or ``network`` is not a ResNet run as its stages."""
+    channels-last network is as good, or ``network`` is not a ResNet run as its stages. An
+    ensemble gets it for each member that gains from it."""
+    members = _ensemble_members(network)
+    if members is not None:
+        staged = [float32_staged_network(m, s) for m, s in members]
+        if all(x is None for x in staged):
+            return None
+        return _rebuilt(network, [x if x is not None else copy.deepcopy(m).eval()
+                                  for x, (m, _) in zip(staged, members)])
     try:
         _, resnet = _split_resnet(network)
         # Decided before anything is built: for a large last stage nothing is.
         return _staged(network, nchw_last_stage=True) if _small_last_stage(resnet, size) else None
     except ValueError:
         return None
+
+
+def _ensemble_members(network):
+    """``[(member, input size)]`` of an ensemble network, None for any other network."""
+    from .ensemble import EnsembleNetwork
+
+    if isinstance(network, EnsembleNetwork):
+        return list(zip(network.members, network.sizes))
+    return None
+
+
+def _rebuilt(ensemble, members):
+    """An ensemble network like ``ensemble`` whose members are ``members``."""
+    from .ensemble import EnsembleNetwork
+
+    return EnsembleNetwork(members, ensemble.sizes).eval()
 
 
 def _staged(network, nchw_last_stage: bool) -> "StagedPrecision":
