@@ -34,6 +34,14 @@ def test_every_recipe_parses_as_a_train_and_evaluate_command(tmp_path):
             ev = build_parser().parse_args(r.eval_command(name, tmp_path / "data", tmp_path / "out", "cpu")[3:])
             assert not ev.write_calibration and ev.out == str(tmp_path / "out" / name / "eval")
             continue
+        if "ensemble" in r.RECIPES[name]:  # other recipes' models combined, then calibrated
+            assert args.models == [str(tmp_path / "out" / m / "best.pt") for m in r.RECIPES[name]["ensemble"]]
+            assert set(r.RECIPES[name]["ensemble"]) <= set(r.RECIPES)
+            assert args.out == str(tmp_path / "out" / name / "best.pt")
+            cal = build_parser().parse_args(r.calibrate_command(name, tmp_path / "data", tmp_path / "out",
+                                                                "cpu")[3:])
+            assert cal.write_calibration and [s.partition("=")[0] for s in cal.source] == r.RECIPES[name]["sources"]
+            continue
         assert args.out == str(tmp_path / "out" / name) and args.threads == 1 and not args.resume
         resumed = r.train_command(name, tmp_path, tmp_path, 1, "cpu", resume=True)
         assert build_parser().parse_args(resumed[3:]).resume
@@ -81,6 +89,20 @@ def test_a_recipe_starting_from_another_trains_that_one_first_only_when_missing(
     ran.clear()
     assert r.main(["--recipes", "joint64-sslft", "--data", str(data), "--out", str(out)]) == 0
     assert ran == [str(out / "joint64-sslft")]
+
+
+def test_an_ensemble_recipe_makes_only_its_missing_members_first_then_calibrates(tmp_path, monkeypatch):
+    r = _module()
+    data, out = _empty_data(r, tmp_path), tmp_path / "out"
+    monkeypatch.setitem(r.RECIPES, "ens", {"dims": 2, "sources": ["NIH"], "ensemble": ["nih64-ssl", "ker64"]})
+    (out / "ker64").mkdir(parents=True)
+    (out / "ker64" / "best.pt").write_bytes(b"")
+    ran = []
+    monkeypatch.setattr(r, "_run", lambda cmd: ran.append(cmd) or 0.0)
+    assert r.main(["--recipes", "ens", "--data", str(data), "--out", str(out)]) == 0
+    outs = [cmd[cmd.index("--out") + 1] for cmd in ran]
+    assert outs == [str(out / "nih64-ssl"), str(out / "ens" / "best.pt"), str(out / "ens" / "calibration")]
+    assert ran[1][3] == "ensemble" and "--write-calibration" in ran[2]
 
 
 def test_resume_continues_runs_and_adds_to_their_recorded_time(tmp_path, monkeypatch):
