@@ -246,6 +246,8 @@ def export_onnx(model, precision: str = "fp32") -> Path:
             str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True))
     if precision != "fp32":
         raise ValueError(f"precision must be fp32 or int8, not {precision!r}")
+    if getattr(model.network, "onnx_unsupported", ""):  # known before trying (ensemble.py)
+        raise ValueError(f"no ONNX export: {model.network.onnx_unsupported}")
     import copy
 
     network = copy.deepcopy(model.network).to("cpu").float().eval()

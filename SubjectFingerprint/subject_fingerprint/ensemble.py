@@ -34,6 +34,10 @@ class EnsembleNetwork(nn.Module):
             raise ValueError("an ensemble needs one input size per member, and at least one member")
         self.members = nn.ModuleList(members)
         self.sizes = [tuple(int(s) for s in size) for size in sizes]
+        # ONNX (opset 17) has no antialiased resize, and torch's exporter dumps the whole graph
+        # to stdout when it meets one: the backends read this and do not try.
+        self.onnx_unsupported = ("a member takes smaller 2D images (antialiased resize)"
+                                 if len(self.sizes[0]) == 2 and len(set(self.sizes)) > 1 else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [F.normalize(net(resize_tensor(x, size)).float(), dim=1)

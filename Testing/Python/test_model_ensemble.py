@@ -146,3 +146,17 @@ def test_the_cpu_backends_lay_out_each_member_of_an_ensemble_as_they_would_alone
         staged = float32_staged_network(ens.network, (32, 32))
         assert torch.allclose(staged(x), want, atol=1e-4)
     assert isinstance(ens.network, EnsembleNetwork) and not isinstance(ens.network.members[0], StagedPrecision)
+
+
+def test_onnx_is_refused_up_front_for_an_ensemble_that_resizes(tmp_path, monkeypatch, capfd):
+    from subject_fingerprint import backends
+
+    monkeypatch.setenv("SUBJECT_FINGERPRINT_CACHE", str(tmp_path))
+    ens = combine([_model(32, seed=0), _model(16, seed=1)])
+    with pytest.raises(ValueError, match="antialiased resize"):
+        backends.export_onnx(ens)
+    assert capfd.readouterr().out == ""                 # no graph dump from torch's exporter
+    if "onnx" in backends.auto_candidates(torch.device("cpu")):  # ONNX Runtime installed
+        choice = backends.choose(ens, "auto", torch.device("cpu"), remember=False)
+        assert choice.name != "onnx" and "antialiased resize" in choice.rejected["onnx"]
+    assert combine([_model(32, seed=0), _model(32, seed=1)]).network.onnx_unsupported == ""
