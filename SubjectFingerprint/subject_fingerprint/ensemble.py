@@ -15,6 +15,7 @@ The checkpoint's architecture block is ``{"name": "ensemble", "spatial_dims", "e
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -96,7 +97,9 @@ def combine(models):
     members = [{**m.architecture, "size": list(m.preprocessing.size)} for m in models]
     if any(is_ensemble(a) for a in members):
         raise ValueError("a member is itself an ensemble; combine its members instead")
-    network = EnsembleNetwork([m.network for m in models], [m.preprocessing.size for m in models])
+    # Copies: the members stay usable (and trainable) on their own without changing the ensemble.
+    network = EnsembleNetwork([copy.deepcopy(m.network) for m in models],
+                              [m.preprocessing.size for m in models])
     sources, seen = [], set()
     for m in models:
         for s in (m.metadata.get("training") or {}).get("sources") or []:

@@ -160,3 +160,13 @@ def test_onnx_is_refused_up_front_for_an_ensemble_that_resizes(tmp_path, monkeyp
         choice = backends.choose(ens, "auto", torch.device("cpu"), remember=False)
         assert choice.name != "onnx" and "antialiased resize" in choice.rejected["onnx"]
     assert combine([_model(32, seed=0), _model(32, seed=1)]).network.onnx_unsupported == ""
+
+
+def test_an_ensemble_does_not_change_when_a_member_model_is_trained_further():
+    a, b = _model(32, seed=0), _model(16, seed=1)
+    ens = combine([a, b])
+    x = torch.rand(2, 1, 32, 32)
+    before, ens_id = _embed(ens, x), ens.model_id
+    with torch.no_grad():
+        next(a.network.parameters()).add_(1.0)
+    assert torch.equal(_embed(ens, x), before) and ens.model_id == ens_id
